@@ -1,0 +1,87 @@
+"""`CaptionJobConfig`: the one typed config of the batch job, parsed by the CLI and passed to the Ray job.
+
+Kept free of heavy imports (no torch, no ray) so `--help` is instant and the config can be built and
+validated anywhere. Each field's `help` is the CLI help text.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from raylens.prompts import DEFAULT_CAPTION_PROMPT
+
+ENGINES = ("auto", "lmdeploy", "transformers")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class CaptionJobConfig:
+    # -- data -------------------------------------------------------------------------------
+    input: str = _f(None, "directory of images (recursive; jpg jpeg png webp bmp gif tiff) or s3://bucket/prefix/", required=True)
+    output: str = _f(None, "output directory or s3://bucket/prefix/ for Parquet files and _summary.json", required=True)
+    overwrite: bool = _f(False, "delete earlier results under --output first")
+    # -- what to ask ------------------------------------------------------------------------
+    prompt: str = _f(DEFAULT_CAPTION_PROMPT, "the instruction asked of every image")
+    # -- model and engine -------------------------------------------------------------------
+    model: str | None = _f(None, "Hugging Face id (OpenGVLab/InternVL2-2B), local directory or s3:// prefix; default: the shipped demo model")
+    engine: str = _f("auto", "auto (lmdeploy on GPUs when installed, else transformers) | lmdeploy | transformers", choices=ENGINES)
+    max_tiles: int | None = _f(None, "at most this many 448px tiles per image (+ thumbnail); default: the checkpoint's max_dynamic_patch")
+    max_new_tokens: int = _f(64, "longest answer, in tokens")
+    temperature: float = _f(0.0, "0 = greedy; > 0 samples")
+    top_p: float = _f(1.0, "nucleus sampling mass (with --temperature > 0)")
+    seed: int | None = _f(None, "sampling seed")
+    # -- scale ------------------------------------------------------------------------------
+    batch_size: int = _f(16, "images per engine call")
+    replicas: int = _f(1, "engine actors (GPU actors where GPUs exist, CPU actors otherwise)")
+    gpus_per_replica: float = _f(1.0, "GPUs per engine actor where the cluster has GPUs (fractions share a GPU)")
+    max_pixels: int = _f(64_000_000, "refuse images that declare more pixels than this (decompression bombs)")
+    # -- storage ----------------------------------------------------------------------------
+    s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL; default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.engine in ENGINES, f"--engine must be one of {ENGINES}, got {self.engine!r}"),
+            (self.max_tiles is None or self.max_tiles >= 1, f"--max-tiles must be >= 1, got {self.max_tiles}"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (0.0 <= self.temperature <= 2.0, f"--temperature must be in [0, 2], got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}"),
+            (self.gpus_per_replica > 0, f"--gpus-per-replica must be > 0, got {self.gpus_per_replica}"),
+            (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
+            (bool(self.prompt and self.prompt.strip()), "--prompt must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def parser(cls, prog: str = "python -m jobs.caption", description: str | None = None) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            if f.type in ("bool", bool):
+                p.add_argument(flag, action="store_true", help=help_text)
+                continue
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            default_note = "" if f.default is None or meta.get("required") else f" (default: {f.default})"
+            p.add_argument(flag, type=kind, default=f.default, help=help_text + default_note, **meta)
+        return p
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, **parser_kwargs) -> "CaptionJobConfig":
+        parser = cls.parser(**parser_kwargs)
+        args = parser.parse_args(argv)
+        try:
+            return cls(**vars(args))
+        except ValueError as exc:
+            parser.error(str(exc))  # exits 2 with the usage line, like any other bad flag

@@ -1,0 +1,172 @@
+"""Synthetic "coloured shape on a plain background" images with exact captions.
+
+This is the data set the shipped demo model (`raylens/demo/model`) is trained and checked on. Every
+image shows one filled shape of one palette colour on a background of a *different* palette colour, and
+its caption is exactly
+
+    "a {color} {shape} on a {background} background."
+
+so a model's output can be scored by exact string match ("an" before a vowel: "an orange star on a
+white background.", "a red circle on an orange background."). The generator is pure: all randomness comes
+from the `random.Random` passed in (no global RNG), so a seed fixes every pixel.
+
+Splits: `generate_dataset(n, seed, split=...)` derives each split's random stream from (seed, split), so
+the `"held_out"` images for any seed come from a stream the `"train"` split never draws from. Training
+uses `split="train"`; accuracy checks use `split="held_out"` (with any seed).
+
+This module knows nothing about tiles, prompts or models.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from PIL import Image, ImageDraw
+
+# Well separated in RGB, and each one named by a single common word.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 70, 220),
+    "yellow": (245, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+COLORS: tuple[str, ...] = tuple(PALETTE)
+# All four stay recognisable when the whole image is squeezed into one 112x112 tile (a 35% shape is then
+# ~40 px): no pair of them is a rotation or a stretch of another.
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+# (width, height) ratios of the whole image.
+ASPECTS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (2, 1))
+MIN_SIDE = 64
+MAX_SIDE = 640
+# Shape extent as a fraction of the image's short side.
+MIN_SHAPE_FRACTION = 0.35
+MAX_SHAPE_FRACTION = 0.80
+SPLITS = ("train", "held_out")
+
+CAPTION_FORMAT = "{a_color} {color} {shape} on {a_background} {background} background."
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def format_caption(color: str, shape: str, background: str) -> str:
+    """`"a {color} {shape} on a {background} background."`, with "an" before a vowel."""
+    return CAPTION_FORMAT.format(
+        a_color=_article(color), color=color, shape=shape, a_background=_article(background), background=background
+    )
+
+
+@dataclass(frozen=True)
+class ShapeAttributes:
+    """What one sample shows; `caption()` is the exact target text."""
+
+    color: str
+    shape: str
+    background: str
+    width: int
+    height: int
+    center: tuple[int, int]  # shape centre, pixels
+    extent: int  # shape diameter / side, pixels
+
+    def caption(self) -> str:
+        return format_caption(self.color, self.shape, self.background)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def caption_words() -> list[str]:
+    """Every word (and the final '.') that can appear in a caption, e.g. for a tokenizer corpus."""
+    return sorted(set(COLORS) | set(SHAPES) | {"a", "an", "on", "background", "."})
+
+
+def all_captions() -> list[str]:
+    return [format_caption(c, s, b) for c in COLORS for s in SHAPES for b in COLORS if b != c]
+
+
+def sample_attributes(rng: random.Random) -> ShapeAttributes:
+    """Draw colour, shape, background, image size and placement."""
+    color = rng.choice(COLORS)
+    background = rng.choice([c for c in COLORS if c != color])
+    shape = rng.choice(SHAPES)
+    aw, ah = rng.choice(ASPECTS)
+    # Both sides within [MIN_SIDE, MAX_SIDE]: the short side bounds the long one.
+    short = rng.randint(MIN_SIDE, MAX_SIDE * min(aw, ah) // max(aw, ah))
+    long = short * max(aw, ah) // min(aw, ah)
+    width, height = (long, short) if aw >= ah else (short, long)
+    extent = max(8, round(short * rng.uniform(MIN_SHAPE_FRACTION, MAX_SHAPE_FRACTION)))
+    half = extent / 2
+    cx = round(rng.uniform(half, width - half))
+    cy = round(rng.uniform(half, height - half))
+    return ShapeAttributes(color, shape, background, width, height, (cx, cy), extent)
+
+
+def _star_points(cx: float, cy: float, r_outer: float, r_inner: float) -> list[tuple[float, float]]:
+    points = []
+    for i in range(10):
+        r = r_outer if i % 2 == 0 else r_inner
+        a = -math.pi / 2 + i * math.pi / 5
+        points.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+    return points
+
+
+def render(attrs: ShapeAttributes) -> Image.Image:
+    """Draw the sample described by `attrs` (RGB, `attrs.width` x `attrs.height`)."""
+    image = Image.new("RGB", (attrs.width, attrs.height), PALETTE[attrs.background])
+    draw = ImageDraw.Draw(image)
+    fill = PALETTE[attrs.color]
+    cx, cy = attrs.center
+    r = attrs.extent / 2
+    box = (cx - r, cy - r, cx + r - 1, cy + r - 1)
+    if attrs.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif attrs.shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif attrs.shape == "triangle":  # pointing up, as wide as it is tall
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    elif attrs.shape == "star":  # five points
+        draw.polygon(_star_points(cx, cy, r, r * 0.45), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {attrs.shape!r}; known: {SHAPES}")
+    return image
+
+
+def generate_sample(rng: random.Random) -> tuple[Image.Image, str, ShapeAttributes]:
+    """One (image, caption, attributes) triple drawn from `rng`."""
+    attrs = sample_attributes(rng)
+    return render(attrs), attrs.caption(), attrs
+
+
+def split_rng(seed: int, split: str = "train") -> random.Random:
+    """The random stream of one split: (seed, split) -> a stream no other split shares."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    # A string seed is hashed with SHA-512 by random.Random (stable across runs, unlike hash()).
+    return random.Random(f"raylens.demo.shapes/{split}/{int(seed)}")
+
+
+def iter_samples(seed: int, split: str = "train") -> Iterator[tuple[Image.Image, str, ShapeAttributes]]:
+    """An endless, reproducible stream of samples of one split."""
+    rng = split_rng(seed, split)
+    while True:
+        yield generate_sample(rng)
+
+
+def generate_dataset(n: int, seed: int, split: str = "train") -> list[tuple[Image.Image, str, ShapeAttributes]]:
+    """The first `n` samples of `iter_samples(seed, split)`."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    stream = iter_samples(seed, split)
+    return [next(stream) for _ in range(n)]
+
+
+def held_out_dataset(n: int, seed: int = 0) -> list[tuple[Image.Image, str, ShapeAttributes]]:
+    """Fresh evaluation images: the `"held_out"` split, which training never draws from."""
+    return generate_dataset(n, seed, split="held_out")

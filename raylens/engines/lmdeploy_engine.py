@@ -1,0 +1,157 @@
+"""Run InternVL2 with lmdeploy's PyTorch engine (GPU only), keeping its scheduler fed asynchronously.
+
+Only this module imports lmdeploy, and only inside `LMDeployEngine.__init__`, so everything else in
+raylens imports on machines without CUDA. Facts this relies on (notes/lmdeploy.md):
+* the original InternVL2 format needs `trust_remote_code=True`; without its config classes lmdeploy's
+  checker calls `exit(1)`, which we turn into a RuntimeError so a Ray actor reports it instead of vanishing;
+* lmdeploy 0.18 has no InternVL2 chat template, so we hand it ours (`ChatTemplateConfig`), built from the
+  same `raylens.prompts` template the transformers engine uses;
+* an engine is bound to one event loop: it starts lazily on the loop of the first `generate` call, and
+  every request of a batch is submitted at once, so continuous batching sees the whole batch (and, with
+  several batches in flight in the Ray actor, more than one).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Sequence
+
+from raylens.checkpoints.formats import read_model_spec
+from raylens.engines.base import SamplingParams, VLRequest, VLResult, format_error
+from raylens.prompts import ChatTemplate, get_template
+
+
+def lmdeploy_chat_template(template: ChatTemplate, name: str):
+    """Our InternVL2 template as an lmdeploy `ChatTemplateConfig` (MPT style: no separator between turns)."""
+    from lmdeploy import ChatTemplateConfig
+
+    system_prefix = template.system_template.split("{system_message}")[0]
+    return ChatTemplateConfig(
+        model_name=name,
+        system=system_prefix,
+        meta_instruction=template.system_message,
+        eosys=template.sep,
+        user=template.user_role,
+        eoh=template.sep,
+        assistant=template.assistant_role,
+        eoa=template.sep,
+        separator="",
+        stop_words=list(template.stop_words),
+    )
+
+
+class LMDeployEngine:
+    """One lmdeploy `VLAsyncEngine` (PyTorch backend) per instance."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        tp: int = 1,
+        max_batch_size: int | None = None,
+        cache_max_entry_count: float = 0.8,
+        max_prefill_token_num: int = 8192,
+        session_len: int | None = None,
+        eager_mode: bool = False,
+        model_name: str | None = None,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        from lmdeploy import PytorchEngineConfig
+        from lmdeploy.serve.core import VLAsyncEngine
+
+        self.spec = read_model_spec(model_dir)
+        self.model_name = model_name or str(model_dir)
+        self.template = get_template(self.spec.template)
+        config = PytorchEngineConfig(
+            tp=tp,
+            max_batch_size=max_batch_size,
+            cache_max_entry_count=cache_max_entry_count,
+            max_prefill_token_num=max_prefill_token_num,
+            session_len=session_len,
+            eager_mode=eager_mode,
+            **(engine_options or {}),
+        )
+        try:
+            self._engine = VLAsyncEngine(
+                str(model_dir),
+                backend="pytorch",
+                backend_config=config,
+                chat_template_config=lmdeploy_chat_template(self.template, f"raylens-{self.template.name}"),
+                trust_remote_code=True,
+            )
+        except SystemExit as exc:  # lmdeploy's environment checker exits instead of raising
+            raise RuntimeError(
+                f"lmdeploy refused to start on {model_dir} (exit {exc.code}); its log above says why "
+                "(an original-format checkpoint needs its configuration_*.py files)"
+            ) from None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._engine.start_loop(loop, use_async_api=True)
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("an lmdeploy engine is bound to the event loop it started on")
+
+    def _gen_config(self, params: SamplingParams):
+        from lmdeploy import GenerationConfig
+
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not params.greedy,
+            temperature=params.temperature if not params.greedy else 1.0,
+            top_p=params.top_p,
+            top_k=0 if not params.greedy else 1,
+            random_seed=params.seed,
+            ignore_eos=params.ignore_eos,
+        )
+
+    def _messages(self, req: VLRequest) -> list[dict]:
+        content: list[dict] = [{"type": "text", "text": req.question}]
+        if req.image is not None:
+            from PIL import Image
+
+            # The grid was chosen upstream from the original size; the canvas we send reproduces it.
+            image = Image.fromarray(req.image.pixels)
+            max_tiles = req.max_tiles or self.spec.max_tiles
+            content.insert(0, {"type": "image_data", "image_data": {"data": image, "max_dynamic_patch": max_tiles}})
+        return [{"role": "user", "content": content}]
+
+    async def _one(self, req: VLRequest, gen_config) -> VLResult:
+        engine = self._engine
+        try:
+            prepared = await engine.preprocess(messages=self._messages(req), session_id=engine.session_mgr.get(), gen_config=gen_config)
+        except Exception as exc:  # bad input for this request only
+            return VLResult.failed(req.request_id, exc)
+        pieces: list[str] = []
+        last = None
+        async for out in engine.generate(prepared, stream_response=False):
+            pieces.append(out.response)
+            last = out
+        if last is None or last.finish_reason in (None, "error", "abort"):
+            reason = None if last is None else last.finish_reason
+            return VLResult(req.request_id, None, finish_reason="error", error=f"EngineError: finish_reason={reason}")
+        return VLResult(
+            req.request_id,
+            "".join(pieces).strip(),
+            num_input_tokens=last.input_token_len,
+            num_output_tokens=last.generate_token_len,
+            finish_reason=last.finish_reason,
+        )
+
+    async def generate(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
+        self._ensure_started()
+        gen_config = self._gen_config(params)
+        outcomes = await asyncio.gather(*(self._one(r, gen_config) for r in requests), return_exceptions=True)
+        results = []
+        for req, outcome in zip(requests, outcomes):
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, (asyncio.CancelledError, KeyboardInterrupt)):
+                    raise outcome
+                results.append(VLResult(req.request_id, None, finish_reason="error", error=format_error(outcome)))
+            else:
+                results.append(outcome)
+        return results
+
+    def close(self) -> None:
+        self._engine.close()

@@ -1,0 +1,311 @@
+"""Image bytes -> validated RGB -> InternVL dynamic tiles, with Pillow and numpy only.
+
+Why this module exists: every row of a batch job is decoded once, on a cheap CPU task, and any
+problem with it (empty, not an image, truncated, a decompression bomb) must become a row-level
+:class:`ImageError` instead of killing a worker. The tile grid is chosen there from the original size
+with the published InternVL ``dynamic_preprocess`` rule, and the image is shrunk to the grid's canvas,
+so what travels to an engine is a small uint8 :class:`PreparedImage`. The engine side turns it into
+normalised ``pixel_values`` with :func:`pixel_values_for`, which reproduces InternVL's
+resize -> row-major crop -> thumbnail -> ImageNet normalisation without torch or torchvision.
+
+What it does not know: which model it serves (tile size and tile limits come in a :class:`TilingSpec`
+built from the checkpoint), how many tokens a tile costs, or any prompt format. It does not apply EXIF
+orientation or ICC colour profiles (the reference ``load_image`` does neither), does not do training
+augmentation, and reads bytes only (no paths, no storage). It never changes Pillow's process-wide
+settings (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``); PIL's own bomb limit still
+applies, so a ``max_pixels`` above it is capped by it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+DEFAULT_MAX_PIXELS = 64_000_000
+
+ERROR_KINDS = frozenset({"empty", "too_large", "not_an_image", "truncated", "decode"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_BICUBIC = Image.Resampling.BICUBIC
+
+
+class ImageError(ValueError):
+    """A row-level image problem; ``kind`` is one of "empty", "too_large", "not_an_image",
+    "truncated", "decode". It pickles with its kind, so it survives crossing Ray processes."""
+
+    def __init__(self, kind: str, message: str):
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"ImageError kind must be one of {sorted(ERROR_KINDS)}, got {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __reduce__(self):
+        return (type(self), (self.kind, self.message))
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """The tiling numbers of one checkpoint (``force_image_size``, ``min/max_dynamic_patch``,
+    ``use_thumbnail``); validated here so a bad config fails at load time, not per row."""
+
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("tile_size", "min_tiles", "max_tiles"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"TilingSpec.{name} must be an int, got {value!r}")
+        if self.tile_size <= 0:
+            raise ValueError(f"TilingSpec.tile_size must be > 0, got {self.tile_size}")
+        if self.min_tiles < 1:
+            raise ValueError(f"TilingSpec.min_tiles must be >= 1, got {self.min_tiles}")
+        if self.max_tiles < self.min_tiles:
+            raise ValueError(
+                f"TilingSpec.max_tiles must be >= min_tiles ({self.min_tiles}), got {self.max_tiles}"
+            )
+        if not isinstance(self.use_thumbnail, bool):
+            raise ValueError(f"TilingSpec.use_thumbnail must be a bool, got {self.use_thumbnail!r}")
+
+
+# eq=False: a generated __eq__/__hash__ over an ndarray field would raise, identity is what we want.
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """What travels from the decode task to an engine: uint8 RGB (at most the grid canvas in area),
+    the grid chosen from the original size, and the tile count the prompt must expand to."""
+
+    pixels: np.ndarray
+    grid: tuple[int, int]
+    num_tiles: int
+    original_size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        p = self.pixels
+        if not isinstance(p, np.ndarray) or p.dtype != np.uint8 or p.ndim != 3 or p.shape[2] != 3:
+            raise ValueError(
+                "PreparedImage.pixels must be a uint8 [H, W, 3] array, got "
+                f"{getattr(p, 'dtype', type(p).__name__)} {getattr(p, 'shape', '')}"
+            )
+        if p.shape[0] < 1 or p.shape[1] < 1:
+            raise ValueError(f"PreparedImage.pixels is empty: shape {p.shape}")
+        cols, rows = _check_grid(self.grid)
+        if self.num_tiles not in (cols * rows, cols * rows + (cols * rows > 1)):
+            raise ValueError(f"PreparedImage.num_tiles {self.num_tiles} does not fit grid {self.grid}")
+
+
+def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    cols, rows = grid
+    if cols < 1 or rows < 1:
+        raise ValueError(f"grid must be (cols >= 1, rows >= 1), got {grid!r}")
+    return int(cols), int(rows)
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded bytes into a fully loaded RGB image, or raise :class:`ImageError`.
+
+    The declared ``width * height`` is refused before any pixel is decoded. Animated files give their
+    first frame; transparency is composited onto white (the model never saw alpha); 16-bit and float
+    grey is scaled to 8 bits instead of being clipped.
+    """
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be > 0, got {max_pixels}")
+    if len(data) == 0:
+        raise ImageError("empty", "image data is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError(
+                "not_an_image", f"{len(data)} bytes are not a recognised image format"
+            ) from None
+        except MemoryError:
+            raise
+        except Exception as e:  # PIL plugins raise many types; all are row-level problems
+            raise _classify(e, "reading the image header") from e
+        with image:
+            width, height = image.size
+            fmt = image.format or "image"
+            if width * height > max_pixels:
+                raise ImageError(
+                    "too_large",
+                    f"{fmt} declares {width}x{height} = {width * height} pixels, "
+                    f"more than the limit of {max_pixels}",
+                )
+            if width < 1 or height < 1:
+                raise ImageError("decode", f"{fmt} declares an empty size {width}x{height}")
+            try:
+                image.load()  # the first frame only, for animated formats
+                return _to_rgb(image)
+            except MemoryError:
+                raise
+            except Exception as e:
+                raise _classify(e, f"decoding a {width}x{height} {fmt}") from e
+
+
+def _classify(e: Exception, doing: str) -> ImageError:
+    """Map an exception raised by Pillow to an ImageError kind (Pillow has no error taxonomy)."""
+    detail = f"{type(e).__name__}: {e}"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageError("too_large", f"too large ({doing}): {detail}")
+    if isinstance(e, EOFError) or "truncat" in str(e).lower():
+        return ImageError("truncated", f"image data is truncated ({doing}): {detail}")
+    return ImageError("decode", f"could not decode image ({doing}): {detail}")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any decoded mode to RGB the way a viewer would show it."""
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        return _high_depth_to_l(image).convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        try:
+            rgba = image.convert("RGBA")
+        except ValueError:  # a mode whose transparency Pillow cannot express: ignore it
+            return image.convert("RGB")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # RGB (copy), L, 1, P, CMYK (incl. Adobe-inverted), YCbCr, ...
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """Scale I;16* / I / F grey to 8 bits (Pillow's own convert clips everything above 255 to white).
+
+    I;16* and I with values in [0, 65535] are 16-bit samples (/257); F in [0, 1] is unit range (x255);
+    anything else is stretched from its min..max, the only reading that does not lose the picture.
+    """
+    a = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 257.0
+    elif image.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+# ------------------------------------------------------------------------------------------ tiling
+def _candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """All (cols, rows) with min <= cols*rows <= max, in the published order.
+
+    The original enumerates ``for n in min..max, for i in 1..n, for j in 1..n`` and sorts by i*j. A
+    pair's first appearance is at n = max(min, i, j), then (i, j) ascending, so sorting by
+    (i*j, max(min, i, j), i, j) gives the same order without the cubic loop.
+    """
+    pairs = [
+        (i, j)
+        for i in range(1, max_tiles + 1)
+        for j in range(1, max_tiles // i + 1)
+        if i * j >= min_tiles
+    ]
+    return sorted(pairs, key=lambda p: (p[0] * p[1], max(min_tiles, p[0], p[1]), p[0], p[1]))
+
+
+def find_grid(width: int, height: int, spec: TilingSpec) -> tuple[int, int]:
+    """The (cols, rows) InternVL's ``find_closest_aspect_ratio`` picks for a width x height image.
+
+    Closest aspect ratio wins; on an exact tie a later (larger) grid replaces the current one only when
+    the image has more than half the pixels of that grid's canvas.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect = width / height
+    area = width * height
+    half_tile_area = 0.5 * spec.tile_size * spec.tile_size
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in _candidate_grids(spec.min_tiles, spec.max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > half_tile_area * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def num_tiles_for(grid: tuple[int, int], spec: TilingSpec) -> int:
+    """Tiles the model sees for a grid: cols*rows, plus the thumbnail when there is more than one."""
+    cols, rows = _check_grid(grid)
+    n = cols * rows
+    return n + 1 if spec.use_thumbnail and n > 1 else n
+
+
+def prepare_image(image: Image.Image, spec: TilingSpec) -> PreparedImage:
+    """Choose the grid from the original size and shrink the image to the grid canvas if it is larger
+    in area. Small images are kept as they are; the upscale to the canvas happens in make_tiles, so
+    the object store never carries more pixels than the model will see."""
+    rgb = image if image.mode == "RGB" else _to_rgb(image)
+    width, height = rgb.size
+    grid = find_grid(width, height, spec)
+    canvas = (spec.tile_size * grid[0], spec.tile_size * grid[1])
+    if width * height > canvas[0] * canvas[1]:
+        rgb = rgb.resize(canvas, _BICUBIC)
+    pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return PreparedImage(pixels, grid, num_tiles_for(grid, spec), (width, height))
+
+
+def make_tiles(prepared: PreparedImage, spec: TilingSpec) -> list[Image.Image]:
+    """Resize to the canvas, crop row-major into tile x tile pieces, then append the thumbnail (the
+    whole image at tile x tile) when use_thumbnail and there is more than one tile."""
+    cols, rows = _check_grid(prepared.grid)
+    if prepared.num_tiles != num_tiles_for(prepared.grid, spec):
+        raise ValueError(
+            f"PreparedImage has {prepared.num_tiles} tiles for grid {prepared.grid}, but {spec} "
+            f"gives {num_tiles_for(prepared.grid, spec)}: it was prepared with another TilingSpec"
+        )
+    t = spec.tile_size
+    image = Image.fromarray(prepared.pixels, mode="RGB")
+    canvas = image if image.size == (cols * t, rows * t) else image.resize((cols * t, rows * t), _BICUBIC)
+    tiles = [
+        canvas.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(rows) for c in range(cols)
+    ]
+    if spec.use_thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((t, t), _BICUBIC))
+    return tiles
+
+
+def normalize_tiles(tiles: Sequence[Image.Image], *, tile_size: int | None = None) -> np.ndarray:
+    """float32 [N, 3, tile, tile]: ToTensor (/255) then ImageNet Normalize, like InternVL's transform.
+
+    ``tile_size`` defaults to the first tile's (square) size; tiles of another size are resized to it
+    with BICUBIC, as the reference transform's Resize does.
+    """
+    if tile_size is None:
+        if not tiles:
+            raise ValueError("normalize_tiles needs tile_size when there are no tiles")
+        w, h = tiles[0].size
+        if w != h:
+            raise ValueError(f"first tile is {w}x{h}, not square: pass tile_size")
+        tile_size = w
+    out = np.empty((len(tiles), tile_size, tile_size, 3), dtype=np.uint8)
+    for k, tile in enumerate(tiles):
+        tile = tile if tile.mode == "RGB" else _to_rgb(tile)
+        if tile.size != (tile_size, tile_size):
+            tile = tile.resize((tile_size, tile_size), _BICUBIC)
+        out[k] = np.asarray(tile, dtype=np.uint8)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    values = (out.astype(np.float32) / np.float32(255.0) - mean) / std
+    return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+
+
+def pixel_values_for(prepared: PreparedImage, spec: TilingSpec) -> np.ndarray:
+    """The engine-side step: PreparedImage -> float32 [num_tiles, 3, tile, tile]."""
+    return normalize_tiles(make_tiles(prepared, spec), tile_size=spec.tile_size)
