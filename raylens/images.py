@@ -10,10 +10,11 @@ resize -> row-major crop -> thumbnail -> ImageNet normalisation without torch or
 
 What it does not know: which model it serves (tile size and tile limits come in a :class:`TilingSpec`
 built from the checkpoint), how many tokens a tile costs, or any prompt format. It does not apply EXIF
-orientation or ICC colour profiles (the reference ``load_image`` does neither), does not do training
-augmentation, and reads bytes only (no paths, no storage). It never changes Pillow's process-wide
-settings (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``); PIL's own bomb limit still
-applies, so a ``max_pixels`` above it is capped by it.
+orientation or ICC colour profiles (the reference ``load_image`` does neither), does no training
+augmentation, reads bytes only (no paths, no storage), and opens only the formats of
+``IMAGE_EXTENSIONS`` (``DECODE_FORMATS``), whatever a row's file name says. It never changes
+Pillow's process-wide settings (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``);
+PIL's own bomb limit still applies, so a ``max_pixels`` above it is capped by it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
 DEFAULT_MAX_PIXELS = 64_000_000
+# Pillow plugins tried on row bytes: the formats of IMAGE_EXTENSIONS only. Rows are untrusted, and
+# other plugins (EPS runs Ghostscript, WMF, HDF5, ...) are attack surface nobody asked for.
+DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 ERROR_KINDS = frozenset({"empty", "too_large", "not_an_image", "truncated", "decode"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -131,10 +135,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
         except UnidentifiedImageError:
             raise ImageError(
-                "not_an_image", f"{len(data)} bytes are not a recognised image format"
+                "not_an_image",
+                f"{len(data)} bytes are not an image in a supported format "
+                f"({', '.join(DECODE_FORMATS)})",
             ) from None
         except MemoryError:
             raise

@@ -1,0 +1,129 @@
+"""The caption job end to end on a local Ray instance: one row per input file, errors as data."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import bomb_png, image_bytes
+from jobs.caption import SUMMARY_FILE, main, run, setup
+from jobs.caption_config import CaptionJobConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = {
+    "red.png": image_bytes((64, 48)),
+    "nested/deeper/blue.JPG": image_bytes((300, 200), (20, 20, 220), "JPEG"),
+    "with space/grün bild.webp": image_bytes((40, 90), (20, 200, 20), "WEBP"),
+    "gray.bmp": image_bytes((33, 33), 128, "BMP", mode="L"),
+    "tiny.gif": image_bytes((1, 1), 7, "GIF", mode="P"),
+    "panorama.png": image_bytes((8000, 40)),
+}
+BAD = {
+    "empty.png": (b"", "ImageError(empty)"),
+    "not-an-image.jpg": (b"this is text, not a JPEG", "ImageError(not_an_image)"),
+    "truncated.png": (image_bytes((256, 256), (1, 2, 3))[:200], "ImageError("),
+    "bomb.png": (bomb_png(), "ImageError(too_large)"),
+}
+
+
+def _write_inputs(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    table = pq.read_table(out)
+    rows = table.to_pylist()
+    return {r["id"]: r for r in rows}
+
+
+def test_good_and_bad_images_give_one_row_each(tmp_path, tiny_checkpoint, ray_local):
+    src = tmp_path / "in"
+    _write_inputs(src, {**GOOD, **{k: v[0] for k, v in BAD.items()}})
+    (src / "README.txt").write_text("not an image extension: not an input")
+    out = tmp_path / "out"
+    cfg = CaptionJobConfig(input=str(src), output=str(out), model=str(tiny_checkpoint), engine="transformers",
+                           max_new_tokens=4, batch_size=4, max_tiles=2)
+    summary = main(setup(cfg))
+
+    rows = _rows(out)
+    assert set(rows) == set(GOOD) | set(BAD)  # exactly once: no duplicates (dict) and none missing
+    assert pq.read_table(out).num_rows == len(GOOD) + len(BAD)
+    for rel in GOOD:
+        r = rows[rel]
+        assert r["error"] is None, r
+        assert r["text"] is not None and r["num_input_tokens"] > 0 and r["num_output_tokens"] >= 1
+        assert r["image"] == str(src / rel) and r["model"] == str(tiny_checkpoint)
+        assert 1 <= r["num_tiles"] <= 3
+    for rel, (_, prefix) in BAD.items():
+        r = rows[rel]
+        assert r["text"] is None and r["error"].startswith(prefix), r
+        assert r["stage"] == "decode"
+    on_disk = json.loads((out / SUMMARY_FILE).read_text())
+    assert on_disk["rows"] == summary["rows"] == len(GOOD) + len(BAD)
+    assert on_disk["succeeded"] == len(GOOD) and on_disk["failed"] == len(BAD)
+    assert on_disk["errors_by_kind"]["ImageError(too_large)"] == 1
+    assert on_disk["images_per_s"] > 0
+
+
+def test_only_bad_images_exit_1(tmp_path, tiny_checkpoint, ray_local):
+    src = tmp_path / "in"
+    _write_inputs(src, {"a.png": b"", "b.jpg": b"nope"})
+    code = run(["--input", str(src), "--output", str(tmp_path / "out"), "--model", str(tiny_checkpoint), "--engine", "transformers"])
+    assert code == 1
+    assert len(_rows(tmp_path / "out")) == 2
+
+
+def test_missing_input_exits_2_with_one_line(tmp_path, capsys):
+    code = run(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--input" in err[0]
+
+
+def test_unwritable_output_exits_2(tmp_path, capsys):
+    _write_inputs(tmp_path / "in", {"a.png": image_bytes()})
+    (tmp_path / "file").write_text("x")
+    code = run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "file" / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write --output" in err
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    _write_inputs(tmp_path / "in", {"a.png": image_bytes()})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-0.parquet").write_bytes(b"old")
+    code = run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_empty_input_dir_exits_2(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    code = run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    assert code == 2 and "no image files" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_start_command_captions_the_examples_with_the_demo_model(tmp_path):
+    """The README's first command, as a user runs it: a fresh process that starts its own Ray."""
+    out = tmp_path / "captions"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.caption", "--input", str(REPO / "examples" / "images"), "--output", str(out), "--overwrite"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "demo model" in proc.stdout and "OpenGVLab/InternVL2-2B" in proc.stdout
+    assert "summary:" in proc.stdout
+    rows = _rows(out)
+    examples = sorted(p.name for p in (REPO / "examples" / "images").iterdir())
+    assert sorted(rows) == examples
+    for name, r in rows.items():
+        assert r["error"] is None
+        expected = Path(name).stem.replace("_", " ")  # files are named after their caption
+        assert r["text"].startswith("a " + expected.split(" on ")[0]), (name, r["text"])

@@ -1,0 +1,332 @@
+"""Tests for raylens.images: the published tiling rule, tiles/normalisation, odd-but-valid formats
+decoding to sensible RGB, and every broken input becoming an ImageError of the right kind."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile, features
+
+from raylens.images import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageError,
+    PreparedImage,
+    TilingSpec,
+    decode_image,
+    find_grid,
+    make_tiles,
+    normalize_tiles,
+    num_tiles_for,
+    pixel_values_for,
+    prepare_image,
+)
+
+
+# ------------------------------------------------------------------------------ reference tiling
+def reference_candidates(min_num: int, max_num: int, use_set: bool) -> list[tuple[int, int]]:
+    """Literal transcription of the published candidate list. The original collects into a Python
+    ``set``; ``use_set=False`` keeps first-enumeration order instead (what raylens implements). The two
+    orders only matter for exact same-product ties, which cannot be the winner when min_num == 1."""
+    found = []
+    for n in range(min_num, max_num + 1):
+        for i in range(1, n + 1):
+            for j in range(1, n + 1):
+                if i * j <= max_num and i * j >= min_num:
+                    found.append((i, j))
+    unique = set(found) if use_set else dict.fromkeys(found)
+    return sorted(unique, key=lambda x: x[0] * x[1])
+
+
+def reference_pick(width, height, candidates, image_size):
+    aspect_ratio = width / height
+    best_ratio_diff = float("inf")
+    best_ratio = (1, 1)
+    area = width * height
+    for ratio in candidates:
+        target_aspect_ratio = ratio[0] / ratio[1]
+        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best_ratio = ratio
+        elif ratio_diff == best_ratio_diff:
+            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+                best_ratio = ratio
+    return best_ratio
+
+
+SIDES = sorted(
+    set(range(1, 64, 9)) | set(range(64, 5001, 97))
+    | {1, 2, 3, 40, 112, 224, 336, 448, 480, 640, 672, 896, 1080, 1344, 1920, 2000, 3024, 4032, 5000}
+)
+
+
+@pytest.mark.parametrize("tile_size", [448, 112])
+@pytest.mark.parametrize("max_tiles", [1, 6, 12])
+def test_find_grid_matches_published_rule(tile_size, max_tiles):
+    spec = TilingSpec(tile_size=tile_size, max_tiles=max_tiles)
+    cands = reference_candidates(1, max_tiles, use_set=True)
+    for w in SIDES:
+        for h in SIDES:
+            assert find_grid(w, h, spec) == reference_pick(w, h, cands, tile_size), (w, h)
+
+
+@pytest.mark.parametrize("min_tiles,max_tiles", [(1, 1), (1, 40), (2, 6), (4, 12), (10, 10), (3, 24)])
+def test_find_grid_candidate_order_matches_enumeration_order(min_tiles, max_tiles):
+    spec = TilingSpec(tile_size=448, min_tiles=min_tiles, max_tiles=max_tiles)
+    cands = reference_candidates(min_tiles, max_tiles, use_set=False)
+    for w in (1, 8, 50, 225, 448, 700, 1000, 1920, 4000, 8000):
+        for h in (1, 8, 36, 40, 448, 600, 1080, 3000):
+            assert find_grid(w, h, spec) == reference_pick(w, h, cands, 448), (w, h)
+
+
+@pytest.mark.parametrize(
+    "size,max_tiles,tiles",
+    [
+        ((448, 448), 12, 1), ((448, 448), 6, 1),
+        ((640, 480), 12, 13), ((800, 600), 12, 13), ((500, 375), 12, 13), ((4032, 3024), 12, 13),
+        ((3024, 4032), 12, 13), ((640, 480), 6, 7), ((4032, 3024), 6, 7),
+        ((1920, 1080), 12, 9), ((1280, 720), 12, 9), ((1920, 1080), 6, 3), ((1280, 720), 6, 3),
+    ],
+)
+def test_tile_counts_from_notes(size, max_tiles, tiles):
+    spec = TilingSpec(max_tiles=max_tiles)
+    assert num_tiles_for(find_grid(*size, spec), spec) == tiles
+
+
+def test_tiling_spec_validation_names_field_and_value():
+    with pytest.raises(ValueError, match=r"tile_size.*-4"):
+        TilingSpec(tile_size=-4)
+    with pytest.raises(ValueError, match=r"min_tiles.*0"):
+        TilingSpec(min_tiles=0)
+    with pytest.raises(ValueError, match=r"max_tiles.*3"):
+        TilingSpec(min_tiles=4, max_tiles=3)
+    assert num_tiles_for((1, 1), TilingSpec()) == 1
+    assert num_tiles_for((3, 2), TilingSpec(use_thumbnail=False)) == 6
+
+
+# ---------------------------------------------------------------------------- prepare / tiles
+@pytest.mark.parametrize(
+    "size,spec",
+    [((100, 50), TilingSpec()), ((1, 1), TilingSpec()), ((8000, 40), TilingSpec()),
+     ((4032, 3024), TilingSpec()), ((3000, 700), TilingSpec(tile_size=112, max_tiles=6)),
+     ((2000, 2000), TilingSpec(max_tiles=1))],
+)
+def test_prepare_never_upscales_and_keeps_grid(size, spec):
+    prepared = prepare_image(Image.new("RGB", size, (10, 20, 30)), spec)
+    grid = find_grid(*size, spec)
+    h, w, _ = prepared.pixels.shape
+    assert prepared.grid == grid and prepared.original_size == size
+    assert prepared.pixels.dtype == np.uint8
+    assert w * h <= max(size[0] * size[1], 1)  # never more pixels than the original
+    canvas = (spec.tile_size * grid[0], spec.tile_size * grid[1])
+    if size[0] * size[1] > canvas[0] * canvas[1]:
+        assert (w, h) == canvas
+    else:
+        assert (w, h) == size
+    assert find_grid(w, h, spec) == grid  # an engine re-deriving the grid gets the same answer
+    values = pixel_values_for(prepared, spec)
+    assert values.shape == (prepared.num_tiles, 3, spec.tile_size, spec.tile_size)
+    assert values.dtype == np.float32
+
+
+def test_normalisation_white_and_black():
+    spec = TilingSpec(tile_size=112)
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    for colour, expected in (((255, 255, 255), (1 - mean) / std), ((0, 0, 0), -mean / std)):
+        values = pixel_values_for(prepare_image(Image.new("RGB", (112, 112), colour), spec), spec)
+        assert values.shape == (1, 3, 112, 112)
+        np.testing.assert_allclose(values[0].reshape(3, -1).mean(axis=1), expected, atol=1e-6)
+        np.testing.assert_allclose(values[0].reshape(3, -1).std(axis=1), 0, atol=1e-6)
+
+
+def test_normalize_tiles_resizes_odd_tiles():
+    out = normalize_tiles([Image.new("RGB", (64, 64)), Image.new("L", (30, 10), 255)])
+    assert out.shape == (2, 3, 64, 64)
+    np.testing.assert_allclose(out[1, :, 5, 5], (1 - np.array(IMAGENET_MEAN)) / IMAGENET_STD, atol=1e-5)
+
+
+def _quadrants(size):
+    w, h = size
+    a = np.zeros((h, w, 3), np.uint8)
+    a[: h // 2, : w // 2] = (255, 0, 0)
+    a[: h // 2, w // 2 :] = (0, 255, 0)
+    a[h // 2 :, : w // 2] = (0, 0, 255)
+    a[h // 2 :, w // 2 :] = (255, 255, 255)
+    return Image.fromarray(a)
+
+
+def test_tiles_are_row_major_with_thumbnail_last():
+    spec = TilingSpec(tile_size=112, max_tiles=4)
+    prepared = prepare_image(_quadrants((400, 400)), spec)
+    assert prepared.grid == (2, 2) and prepared.num_tiles == 5
+    assert prepared.pixels.shape == (224, 224, 3)  # downscaled to the canvas
+    tiles = make_tiles(prepared, spec)
+    assert [t.size for t in tiles] == [(112, 112)] * 5
+    centres = [t.getpixel((56, 56)) for t in tiles[:4]]
+    assert centres == [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    thumb = np.asarray(tiles[4])
+    assert tuple(thumb[10, 10]) == (255, 0, 0) and tuple(thumb[100, 100]) == (255, 255, 255)
+    no_thumb = TilingSpec(tile_size=112, max_tiles=4, use_thumbnail=False)
+    assert len(make_tiles(prepare_image(_quadrants((400, 400)), no_thumb), no_thumb)) == 4
+    with pytest.raises(ValueError, match="another TilingSpec"):
+        make_tiles(prepared, no_thumb)
+
+
+def test_prepared_image_validates():
+    with pytest.raises(ValueError, match="uint8"):
+        PreparedImage(np.zeros((4, 4, 3), np.float32), (1, 1), 1, (4, 4))
+    with pytest.raises(ValueError, match="num_tiles"):
+        PreparedImage(np.zeros((4, 4, 3), np.uint8), (2, 1), 5, (4, 4))
+
+
+# ------------------------------------------------------------------------------ valid decoding
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _centre(image: Image.Image) -> tuple[int, ...]:
+    assert image.mode == "RGB"
+    return image.getpixel((image.width // 2, image.height // 2))
+
+
+def _close(actual, expected, tol=12):
+    assert all(abs(a - e) <= tol for a, e in zip(actual, expected)), (actual, expected)
+
+
+def _frames(fmt):
+    frames = [Image.new("RGB", (32, 24), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    return _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _palette_with_transparency():
+    image = Image.new("P", (16, 16), 0)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    image.paste(1, (0, 0, 8, 16))
+    return _encode(image, "PNG", transparency=0)  # index 0 (red, right half) is transparent
+
+
+VALID = {
+    "rgb_jpeg": (lambda: _encode(Image.new("RGB", (40, 30), (0, 128, 255)), "JPEG"), (0, 128, 255)),
+    "gif_first_frame": (lambda: _frames("GIF"), (255, 0, 0)),
+    "cmyk_jpeg": (lambda: _encode(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"), (255, 0, 0)),
+    "gray_l": (lambda: _encode(Image.new("L", (9, 7), 77), "PNG"), (77, 77, 77)),
+    "gray_la_half": (lambda: _encode(Image.new("LA", (9, 7), (0, 128)), "PNG"), (127, 127, 127)),
+    "one_bit": (lambda: _encode(Image.new("1", (9, 7), 1), "PNG"), (255, 255, 255)),
+    "gray16_png": (
+        lambda: _encode(Image.fromarray(np.full((6, 5), 32896, np.uint16)), "PNG"), (128, 128, 128)),
+    "gray16_png_dark": (
+        lambda: _encode(Image.fromarray(np.full((6, 5), 2570, np.uint16)), "PNG"), (10, 10, 10)),
+    "int32_tiff": (
+        lambda: _encode(Image.fromarray(np.full((6, 5), 32896, np.int32)), "TIFF"), (128, 128, 128)),
+    "float_tiff": (
+        lambda: _encode(Image.fromarray(np.full((6, 5), 0.5, np.float32)), "TIFF"), (128, 128, 128)),
+    "rgba_transparent_red": (
+        lambda: _encode(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"), (255, 255, 255)),
+    "rgba_opaque_red": (
+        lambda: _encode(Image.new("RGBA", (8, 8), (255, 0, 0, 255)), "PNG"), (255, 0, 0)),
+    "rgba_webp_transparent": (
+        lambda: _encode(Image.new("RGBA", (8, 8), (0, 0, 255, 0)), "WEBP", lossless=True),
+        (255, 255, 255)),
+    "one_by_one": (lambda: _encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"), (1, 2, 3)),
+    "panorama": (lambda: _encode(Image.new("RGB", (8000, 40), (200, 100, 0)), "PNG"), (200, 100, 0)),
+    "bmp": (lambda: _encode(Image.new("RGB", (10, 10), (5, 6, 7)), "BMP"), (5, 6, 7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALID))
+def test_valid_unusual_images_decode_to_rgb(name):
+    make, expected = VALID[name]
+    image = decode_image(make())
+    _close(_centre(image), expected)
+
+
+def test_palette_transparency_becomes_white():
+    image = decode_image(_palette_with_transparency())
+    assert image.getpixel((2, 8)) == (0, 0, 255) and image.getpixel((12, 8)) == (255, 255, 255)
+
+
+@pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP")
+def test_animated_webp_first_frame():
+    image = decode_image(_frames("WEBP"))
+    assert image.size == (32, 24)
+    _close(_centre(image), (255, 0, 0), tol=20)
+
+
+def test_panorama_tiles():
+    spec = TilingSpec()
+    prepared = prepare_image(decode_image(VALID["panorama"][0]()), spec)
+    assert prepared.grid == (12, 1) and prepared.pixels.shape == (40, 8000, 3)
+    assert pixel_values_for(prepared, spec).shape == (13, 3, 448, 448)
+
+
+def test_accepts_bytearray_and_memoryview_and_leaves_pil_globals_alone():
+    before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, list(warnings.filters))
+    data = _encode(Image.new("RGB", (4, 4), (9, 9, 9)), "PNG")
+    for d in (bytearray(data), memoryview(data)):
+        assert decode_image(d).size == (4, 4)
+    with pytest.raises(ImageError):
+        decode_image(data[: len(data) // 2])
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, list(warnings.filters)) == before
+
+
+def test_extensions():
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} == IMAGE_EXTENSIONS
+
+
+# ---------------------------------------------------------------------------- invalid inputs
+def _png_declaring(width: int, height: int) -> bytes:
+    """A real 8x8 PNG whose IHDR is rewritten to declare width x height, with a valid CRC."""
+    data = bytearray(_encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG"))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def _noise(fmt):
+    rng = np.random.default_rng(0)
+    return _encode(Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)), fmt)
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,kind",
+    [
+        (lambda: b"", {}, "empty"),
+        (lambda: b"hello", {}, "not_an_image"),
+        (lambda: b"\x89PNG\r\n\x1a\n" + b"\0" * 40, {}, "not_an_image"),
+        (lambda: _encode(Image.new("RGB", (4, 4)), "PPM"), {}, "not_an_image"),  # not a row format
+        (lambda: _noise("PNG")[: len(_noise("PNG")) // 2], {}, "truncated"),
+        (lambda: _noise("JPEG")[: len(_noise("JPEG")) // 2], {}, "truncated"),
+        (lambda: _png_declaring(100_000, 100_000), {}, "too_large"),  # PIL's own bomb error
+        (lambda: _png_declaring(9_000, 8_000), {}, "too_large"),  # 72M: our limit, below PIL's
+        (lambda: _png_declaring(10_000, 10_000), {"max_pixels": 10**9}, "too_large"),  # PIL warning
+        (lambda: _encode(Image.new("RGB", (100, 100)), "PNG"), {"max_pixels": 5_000}, "too_large"),
+        (lambda: _noise("WEBP")[: len(_noise("WEBP")) // 2], {}, "decode"),
+    ],
+    ids=["empty", "text", "png_magic_only", "ppm_unsupported", "png_half", "jpeg_half", "bomb_1e10",
+         "bomb_72m", "bomb_pil_warning", "max_pixels", "webp_half"],
+)
+def test_invalid_inputs_raise_image_error(make, kwargs, kind):
+    with pytest.raises(ImageError) as info:
+        decode_image(make(), **kwargs)
+    assert info.value.kind == kind
+    assert isinstance(info.value, ValueError) and str(info.value)
+
+
+def test_image_error_pickles_with_kind():
+    error = pickle.loads(pickle.dumps(ImageError("truncated", "cut short")))
+    assert (error.kind, str(error)) == ("truncated", "cut short")
+    with pytest.raises(ValueError):
+        ImageError("weird", "x")
+    with pytest.raises(TypeError):
+        decode_image("not bytes")  # type: ignore[arg-type]
