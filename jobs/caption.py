@@ -27,6 +27,15 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from jobs.caption_config import CaptionJobConfig
+from jobs.caption_output import (
+    Manifest,
+    ShardWriter,
+    completed_shards,
+    fingerprint,
+    iter_output_tables,
+    read_manifest,
+    write_manifest,
+)
 from raylens.images import IMAGE_EXTENSIONS, TilingSpec
 from raylens.storage import S3Settings, ensure_writable_dir, list_files, relative_id, resolve_filesystem, to_uri
 
@@ -57,6 +66,10 @@ class JobPlan:
     model_name: str
     tiling: TilingSpec
     uses_demo_model: bool
+    manifest: Manifest
+
+    def shard_of(self, index: int) -> int:
+        return index // self.manifest.shard_size
 
 
 def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPlan:
@@ -80,13 +93,11 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
         raise UsageError(f"cannot list --input {config.input}: {exc}") from None
     if not files:
         raise UsageError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under --input {config.input}")
+    ids = [relative_id(in_root, p) for p in files]
+    manifest = Manifest(num_inputs=len(files), shard_size=config.shard_size, inputs_sha256=fingerprint(ids),
+                        prompts=tuple(config.prompt), format=config.format)
     try:
-        existing = [i for i in out_fs.get_file_info(pafs.FileSelector(out_root, allow_not_found=True)) if i.base_name != ".raylens-write-check"]
-        if existing and not config.overwrite:
-            raise UsageError(f"--output {config.output} already holds results; pass --overwrite to replace them")
-        if existing:
-            out_fs.delete_dir_contents(out_root)
-        ensure_writable_dir(out_fs, out_root)
+        _prepare_output(config, out_fs, out_root, manifest)
     except OSError as exc:
         raise UsageError(f"cannot write --output {config.output}: {exc}") from None
     model_fs = s3.filesystem() if (config.model or "").startswith("s3://") else None
@@ -101,21 +112,49 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
     return JobPlan(
         config=config, in_fs=in_fs, in_root=in_root, out_fs=out_fs, out_root=out_root, files=files,
         model_dir=model_dir, model_name=config.model or "raylens-demo", tiling=tiling,
-        uses_demo_model=config.model is None,
+        uses_demo_model=config.model is None, manifest=manifest,
     )
 
 
-def build_dataset(plan: JobPlan):
+def _prepare_output(config: CaptionJobConfig, fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
+    """Start fresh (--overwrite or empty output) or check that a rerun resumes the same work."""
+    existing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    if existing and config.overwrite:
+        fs.delete_dir_contents(root)
+        existing = []
+    ensure_writable_dir(fs, root)
+    if existing:
+        previous = read_manifest(fs, root)
+        if previous is None:
+            raise UsageError(f"--output {config.output} holds files that raylens did not write; use another directory or --overwrite")
+        if previous != manifest:
+            raise UsageError(f"--output {config.output} holds results of other inputs or settings "
+                             "(files, --prompt, --shard-size or --format changed); pass --overwrite to start over")
+    write_manifest(fs, root, manifest)
+
+
+def pending_rows(plan: JobPlan) -> tuple[list[dict], dict[int, int]]:
+    """Listing rows of the shards not yet written, and how many output rows each shard must get."""
+    done = completed_shards(plan.out_fs, plan.out_root)
+    rows, expected = [], {}
+    for index, path in enumerate(plan.files):
+        shard = plan.shard_of(index)
+        if shard in done:
+            continue
+        rows.append({"id": relative_id(plan.in_root, path), "image": to_uri(plan.in_fs, path), "path": path, "shard": shard})
+        expected[shard] = expected.get(shard, 0) + len(plan.config.prompt)
+    return rows, expected
+
+
+def build_dataset(plan: JobPlan, rows: list[dict]):
     """The lazy Ray Data pipeline: listing -> prepare (CPU tasks) -> generate (actor pool)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from jobs.caption_stages import GenerateStage, prepare_batch
-    from raylens.engines import resolve_engine_name
     from raylens.engines.base import SamplingParams
 
     cfg = plan.config
-    rows = [{"id": relative_id(plan.in_root, p), "image": to_uri(plan.in_fs, p), "path": p} for p in plan.files]
     num_blocks = max(1, min(len(rows) // 8, 1000))
     ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
     ds = ds.map_batches(
@@ -128,16 +167,17 @@ def build_dataset(plan: JobPlan):
     engine = cfg.engine
     if engine == "auto":
         engine = "lmdeploy" if has_gpus and _lmdeploy_installed() else "transformers"
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    engine_options = {"max_batch_size": cfg.batch_size} if engine == "transformers" else {}
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            seed=cfg.seed, ignore_eos=cfg.ignore_eos)
+    engine_options = ({"max_batch_size": cfg.batch_size} if engine == "transformers" else {}) | cfg.engine_options()
     ds = ds.map_batches(
         GenerateStage,
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(size=cfg.replicas),
         fn_constructor_kwargs=dict(
-            engine=resolve_engine_name(engine) if engine != "lmdeploy" else "lmdeploy",
+            engine=engine,
             model_dir=plan.model_dir, model_name=plan.model_name, engine_options=engine_options,
-            params=params, prompt=cfg.prompt, max_tiles=cfg.max_tiles,
+            params=params, prompts=list(cfg.prompt), max_tiles=cfg.max_tiles,
         ),
         num_gpus=cfg.gpus_per_replica if has_gpus else 0,
         num_cpus=1,
@@ -151,27 +191,27 @@ def _lmdeploy_installed() -> bool:
     return importlib.util.find_spec("lmdeploy") is not None
 
 
-def summarize(plan: JobPlan, wall_s: float, engine: str) -> dict:
+def summarize(plan: JobPlan, wall_s: float, engine: str, processed_images: int) -> dict:
     """Count what was actually written (the output is the truth, not the driver's memory)."""
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(plan.out_root, filesystem=plan.out_fs, format="parquet").to_table(columns=["error", "stage"])
-    errors = table.column("error").to_pylist()
-    failed = sum(e is not None for e in errors)
+    rows = failed = 0
     by_kind: dict[str, int] = {}
-    for e in errors:
-        if e is not None:
-            kind = e.split(":", 1)[0]
-            by_kind[kind] = by_kind.get(kind, 0) + 1
-    rows = len(errors)
+    for table in iter_output_tables(plan.out_fs, plan.out_root, ["error"]):
+        rows += table.num_rows
+        for e in table.column("error").to_pylist():
+            if e is not None:
+                failed += 1
+                kind = e.split(":", 1)[0]
+                by_kind[kind] = by_kind.get(kind, 0) + 1
     return {
         "rows": rows,
         "inputs": len(plan.files),
+        "prompts": len(plan.config.prompt),
         "succeeded": rows - failed,
         "failed": failed,
         "errors_by_kind": by_kind,
         "wall_s": round(wall_s, 3),
-        "images_per_s": round(rows / wall_s, 3) if wall_s > 0 else None,
+        "processed_images": processed_images,  # by this run (a resumed run skips finished shards)
+        "images_per_s": round(processed_images / wall_s, 3) if wall_s > 0 else None,
         "model": plan.model_name,
         "engine": engine,
         "config": plan.config.to_dict(),
@@ -184,10 +224,22 @@ def main(plan: JobPlan) -> dict:
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
+    from jobs.caption_stages import OUTPUT_SCHEMA
+
     start = time.perf_counter()
-    ds, engine = build_dataset(plan)
-    ds.write_parquet(plan.out_root, filesystem=plan.out_fs)
-    summary = summarize(plan, time.perf_counter() - start, engine)
+    rows, expected = pending_rows(plan)
+    engine = plan.config.engine
+    if rows:
+        print(f"{len(expected)} of {plan.manifest.num_shards} shards to do ({len(rows)} images)", flush=True)
+        ds, engine = build_dataset(plan, rows)
+        writer = ShardWriter(plan.out_fs, plan.out_root, plan.config.format, expected, OUTPUT_SCHEMA)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(batch)
+        if writer.incomplete():
+            raise RuntimeError(f"shards left incomplete: {writer.incomplete()}")
+    else:
+        print("every shard is already written; nothing to do", flush=True)
+    summary = summarize(plan, time.perf_counter() - start, engine, processed_images=len(rows))
     with plan.out_fs.open_output_stream(posixpath.join(plan.out_root, SUMMARY_FILE)) as f:
         f.write(json.dumps(summary, indent=2).encode())
     return summary

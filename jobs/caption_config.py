@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
 
 from raylens.prompts import DEFAULT_CAPTION_PROMPT
@@ -23,9 +24,11 @@ class CaptionJobConfig:
     # -- data -------------------------------------------------------------------------------
     input: str = _f(None, "directory of images (recursive; jpg jpeg png webp bmp gif tiff) or s3://bucket/prefix/", required=True)
     output: str = _f(None, "output directory or s3://bucket/prefix/ for Parquet files and _summary.json", required=True)
-    overwrite: bool = _f(False, "delete earlier results under --output first")
+    overwrite: bool = _f(False, "delete earlier results under --output first (default: resume, skipping finished shards)")
+    format: str = _f("parquet", "output file format", choices=("parquet", "jsonl"))
+    shard_size: int = _f(256, "images per output file; the unit of resume")
     # -- what to ask ------------------------------------------------------------------------
-    prompt: str = _f(DEFAULT_CAPTION_PROMPT, "the instruction asked of every image")
+    prompt: list[str] = _f(None, "the instruction asked of every image; repeat the flag to ask several (one row each)", action="append")
     # -- model and engine -------------------------------------------------------------------
     model: str | None = _f(None, "Hugging Face id (OpenGVLab/InternVL2-2B), local directory or s3:// prefix; default: the shipped demo model")
     engine: str = _f("auto", "auto (lmdeploy on GPUs when installed, else transformers) | lmdeploy | transformers", choices=ENGINES)
@@ -34,6 +37,8 @@ class CaptionJobConfig:
     temperature: float = _f(0.0, "0 = greedy; > 0 samples")
     top_p: float = _f(1.0, "nucleus sampling mass (with --temperature > 0)")
     seed: int | None = _f(None, "sampling seed")
+    ignore_eos: bool = _f(False, "always generate --max-new-tokens tokens (benchmarks)")
+    engine_args: str | None = _f(None, "JSON object of engine options, e.g. '{\"cache_max_entry_count\": 0.5}' for lmdeploy")
     # -- scale ------------------------------------------------------------------------------
     batch_size: int = _f(16, "images per engine call")
     replicas: int = _f(1, "engine actors (GPU actors where GPUs exist, CPU actors otherwise)")
@@ -43,6 +48,10 @@ class CaptionJobConfig:
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL; default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL")
 
     def __post_init__(self) -> None:
+        if self.prompt is None:
+            self.prompt = [DEFAULT_CAPTION_PROMPT]
+        elif isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
         checks = [
             (self.engine in ENGINES, f"--engine must be one of {ENGINES}, got {self.engine!r}"),
             (self.max_tiles is None or self.max_tiles >= 1, f"--max-tiles must be >= 1, got {self.max_tiles}"),
@@ -53,11 +62,26 @@ class CaptionJobConfig:
             (self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}"),
             (self.gpus_per_replica > 0, f"--gpus-per-replica must be > 0, got {self.gpus_per_replica}"),
             (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
-            (bool(self.prompt and self.prompt.strip()), "--prompt must not be empty"),
+            (all(p and p.strip() for p in self.prompt), "--prompt must not be empty"),
+            (self.shard_size >= 1, f"--shard-size must be >= 1, got {self.shard_size}"),
+            (self.format in ("parquet", "jsonl"), f"--format must be parquet or jsonl, got {self.format!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.engine_options()  # validates --engine-args
+
+    def engine_options(self) -> dict:
+        """--engine-args parsed (a JSON object), {} when not given."""
+        if not self.engine_args:
+            return {}
+        try:
+            value = json.loads(self.engine_args)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--engine-args is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"--engine-args must be a JSON object, got {self.engine_args!r}")
+        return value
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,6 +98,8 @@ class CaptionJobConfig:
                 continue
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             default_note = "" if f.default is None or meta.get("required") else f" (default: {f.default})"
+            if f.name == "prompt":
+                default_note = f" (default: {DEFAULT_CAPTION_PROMPT!r})"
             p.add_argument(flag, type=kind, default=f.default, help=help_text + default_note, **meta)
         return p
 

@@ -2,11 +2,12 @@
 
 Column flow for one image `cats/a.jpg` under `--input /data`:
 
-    listing         {id: "cats/a.jpg", image: "/data/cats/a.jpg"}
+    listing         {id: "cats/a.jpg", image: "/data/cats/a.jpg", path: "/data/cats/a.jpg", shard: 0}
     prepare (CPU)   + pixels: raw uint8 bytes of the (downscaled) RGB image, height, width,
                       grid_cols, grid_rows, num_tiles, error (None, or "ImageError(kind): ..."), stage
-    generate (GPU)  -> id, image, prompt, text, error, stage, model, num_tiles,
-                       num_input_tokens, num_output_tokens, finish_reason   (pixels dropped)
+    generate (GPU)  -> one row per (image, prompt): id, prompt_index, image, prompt, text, error, stage,
+                       model, num_tiles, num_input_tokens, num_output_tokens, finish_reason, shard
+                       (pixels dropped; the image is decoded and tiled once for all prompts)
 
 A row whose `error` is set by an earlier stage passes through later stages untouched, so every input
 file leaves exactly one output row. Only the engine stage holds heavy state (the model).
@@ -27,16 +28,17 @@ logger = logging.getLogger(__name__)
 # Explicit schemas: a block whose rows all succeeded must still write `error` as a string column, or
 # Parquet files of one output would disagree on types.
 PREPARED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image", pa.string()), ("pixels", pa.binary()), ("height", pa.int32()),
+    ("id", pa.string()), ("image", pa.string()), ("shard", pa.int64()), ("pixels", pa.binary()), ("height", pa.int32()),
     ("width", pa.int32()), ("grid_cols", pa.int32()), ("grid_rows", pa.int32()), ("num_tiles", pa.int32()),
     ("error", pa.string()), ("stage", pa.string()),
 ])
 OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image", pa.string()), ("prompt", pa.string()), ("text", pa.string()),
+    ("id", pa.string()), ("prompt_index", pa.int32()), ("image", pa.string()), ("prompt", pa.string()), ("text", pa.string()),
     ("error", pa.string()), ("stage", pa.string()), ("model", pa.string()), ("num_tiles", pa.int32()),
     ("num_input_tokens", pa.int32()), ("num_output_tokens", pa.int32()), ("finish_reason", pa.string()),
 ])
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
+STAGE_OUTPUT_SCHEMA = OUTPUT_SCHEMA.append(pa.field("shard", pa.int64()))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -71,7 +73,8 @@ def prepare_batch(batch: dict[str, np.ndarray], *, filesystem, tiling: TilingSpe
         out["num_tiles"].append(prepared.num_tiles)
         out["error"].append(None)
         out["stage"].append(None)
-    columns = {"id": [str(x) for x in batch["id"]], "image": [str(x) for x in batch["image"]], **out}
+    columns = {"id": [str(x) for x in batch["id"]], "image": [str(x) for x in batch["image"]],
+               "shard": [int(x) for x in batch["shard"]], **out}
     return pa.table(columns, schema=PREPARED_SCHEMA)
 
 
@@ -87,7 +90,7 @@ def _prepared_from_row(batch: dict[str, np.ndarray], i: int) -> PreparedImage:
 
 
 class GenerateStage:
-    """Holds one engine per actor and answers the prompt for every prepared row of a batch.
+    """Holds one engine per actor and asks every prompt of every prepared row of a batch.
 
     `__call__` is a coroutine, so Ray Data keeps several batches in flight per actor and an async engine
     (lmdeploy) sees all of them at once. An engine that raises fails the batch's rows with the error
@@ -95,58 +98,45 @@ class GenerateStage:
     """
 
     def __init__(self, *, engine: str, model_dir: str, model_name: str, engine_options: dict,
-                 params: SamplingParams, prompt: str, max_tiles: int | None) -> None:
+                 params: SamplingParams, prompts: list[str], max_tiles: int | None) -> None:
         from raylens.engines import create_engine
 
         self.engine = create_engine(engine, model_dir, model_name=model_name, **engine_options)
         self.model_name = model_name
         self.params = params
-        self.prompt = prompt
+        self.prompts = list(prompts)
         self.max_tiles = max_tiles
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n = len(batch["id"])
-        cols: dict[str, list] = {k: [None] * n for k in ("text", "finish_reason")}
-        cols["error"] = list(batch["error"])
-        cols["stage"] = list(batch["stage"])
-        cols["num_input_tokens"] = [0] * n
-        cols["num_output_tokens"] = [0] * n
-        todo = [i for i in range(n) if batch["error"][i] is None]
+        n, k = len(batch["id"]), len(self.prompts)
+        rows: list[dict] = []
+        for i in range(n):
+            for j, prompt in enumerate(self.prompts):
+                rows.append({
+                    "id": str(batch["id"][i]), "prompt_index": j, "image": str(batch["image"][i]), "prompt": prompt,
+                    "text": None, "error": batch["error"][i], "stage": batch["stage"][i], "model": self.model_name,
+                    "num_tiles": int(batch["num_tiles"][i]), "num_input_tokens": 0, "num_output_tokens": 0,
+                    "finish_reason": None, "shard": int(batch["shard"][i]),
+                })
+        todo = [i * k + j for i in range(n) if batch["error"][i] is None for j in range(k)]
+        prepared = {i: _prepared_from_row(batch, i) for i in range(n) if batch["error"][i] is None}
         requests = [
-            VLRequest(request_id=str(batch["id"][i]), question=self.prompt, image=_prepared_from_row(batch, i), max_tiles=self.max_tiles)
-            for i in todo
+            VLRequest(request_id=f"{rows[r]['id']}#{rows[r]['prompt_index']}", question=rows[r]["prompt"],
+                      image=prepared[r // k], max_tiles=self.max_tiles)
+            for r in todo
         ]
         try:
             results = await self.engine.generate(requests, self.params) if requests else []
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001
-            logger.exception("engine failed on a batch of %d rows", len(requests))
-            results = None
-            for i in todo:
-                cols["error"][i] = format_error(exc)
-                cols["stage"][i] = "engine"
-        for i, res in zip(todo, results or []):
-            cols["text"][i] = res.text
-            cols["finish_reason"][i] = res.finish_reason
-            cols["num_input_tokens"][i] = res.num_input_tokens
-            cols["num_output_tokens"][i] = res.num_output_tokens
+            logger.exception("engine failed on a batch of %d requests", len(requests))
+            for r in todo:
+                rows[r].update(error=format_error(exc), stage="engine")
+            results = []
+        for r, res in zip(todo, results):
+            rows[r].update(text=res.text, finish_reason=res.finish_reason,
+                           num_input_tokens=res.num_input_tokens, num_output_tokens=res.num_output_tokens)
             if res.error:
-                cols["error"][i] = res.error
-                cols["stage"][i] = "engine"
-        return pa.table(
-            {
-                "id": [str(x) for x in batch["id"]],
-                "image": [str(x) for x in batch["image"]],
-                "prompt": [self.prompt] * n,
-                "text": cols["text"],
-                "error": cols["error"],
-                "stage": cols["stage"],
-                "model": [self.model_name] * n,
-                "num_tiles": [int(x) for x in batch["num_tiles"]],
-                "num_input_tokens": cols["num_input_tokens"],
-                "num_output_tokens": cols["num_output_tokens"],
-                "finish_reason": cols["finish_reason"],
-            },
-            schema=OUTPUT_SCHEMA,
-        )
+                rows[r].update(error=res.error, stage="engine")
+        return pa.Table.from_pylist(rows, schema=STAGE_OUTPUT_SCHEMA)

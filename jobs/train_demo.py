@@ -203,7 +203,7 @@ def caption_images(model, tokenizer, spec, image_tokens_per_tile: int, images, *
     vocab = tokenizer.get_vocab()
     stop_ids = [vocab[w] for w in template.stop_words if w in vocab]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
     out: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -220,9 +220,9 @@ def caption_images(model, tokenizer, spec, image_tokens_per_tile: int, images, *
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             attention_mask[r, width - len(ids) :] = 1
         generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=torch.cat(tiles).to(dtype),
+            input_ids=input_ids.to(param.device),
+            attention_mask=attention_mask.to(param.device),
+            pixel_values=torch.cat(tiles).to(param.device, param.dtype),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=stop_ids,

@@ -50,12 +50,13 @@ def test_good_and_bad_images_give_one_row_each(tmp_path, tiny_checkpoint, ray_lo
     (src / "README.txt").write_text("not an image extension: not an input")
     out = tmp_path / "out"
     cfg = CaptionJobConfig(input=str(src), output=str(out), model=str(tiny_checkpoint), engine="transformers",
-                           max_new_tokens=4, batch_size=4, max_tiles=2)
+                           max_new_tokens=4, batch_size=4, max_tiles=2, shard_size=4)
     summary = main(setup(cfg))
 
     rows = _rows(out)
     assert set(rows) == set(GOOD) | set(BAD)  # exactly once: no duplicates (dict) and none missing
     assert pq.read_table(out).num_rows == len(GOOD) + len(BAD)
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
     for rel in GOOD:
         r = rows[rel]
         assert r["error"] is None, r
@@ -95,10 +96,10 @@ def test_unwritable_output_exits_2(tmp_path, capsys):
     assert code == 2 and "cannot write --output" in err
 
 
-def test_existing_output_needs_overwrite(tmp_path, capsys):
+def test_output_with_foreign_files_needs_overwrite(tmp_path, capsys):
     _write_inputs(tmp_path / "in", {"a.png": image_bytes()})
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "part-0.parquet").write_bytes(b"old")
+    (tmp_path / "out" / "part-000000.parquet").write_bytes(b"not ours")
     code = run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 
@@ -127,3 +128,19 @@ def test_quick_start_command_captions_the_examples_with_the_demo_model(tmp_path)
         assert r["error"] is None
         expected = Path(name).stem.replace("_", " ")  # files are named after their caption
         assert r["text"].startswith("a " + expected.split(" on ")[0]), (name, r["text"])
+
+
+@pytest.mark.gpu
+def test_job_on_gpu_with_lmdeploy_engine(tmp_path):
+    """The same job on the GPU machine: GPU actors running the lmdeploy engine, demo model."""
+    out = tmp_path / "captions"
+    env = {**__import__("os").environ, "LMDEPLOY_SKIP_WARMUP": "1", "LMDEPLOY_ENABLE_CHECK_ENV": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.caption", "--input", str(REPO / "examples" / "images"), "--output", str(out),
+         "--engine", "lmdeploy", "--engine-args", '{"cache_max_entry_count": 0.2}'],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == len(list((REPO / "examples" / "images").iterdir()))
+    assert all(r["error"] is None and r["text"].endswith("background.") for r in rows.values()), rows

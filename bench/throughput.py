@@ -1,0 +1,111 @@
+"""Throughput benchmark on the GPU machine: raylens vs a plain lmdeploy pipeline vs plain transformers.
+
+    python -m bench.throughput --sizes 1b --tiles 1 12 --out bench/results/h100-1b.json
+
+For each checkpoint size (random weights, real InternVL2 layer sizes) and tile budget, each contender runs
+in its own process on the same JPEGs (640x480) with greedy decoding, `ignore_eos` and 64 new tokens, while
+nvidia-smi samples GPU utilisation. Prints a Markdown table (images/s, output tokens/s, GPU util, ratio to
+the pipeline, startup) and writes the raw JSON. See bench/contenders.py for what each contender does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.data import write_images
+from bench.gpu_monitor import GpuMonitor
+
+
+def ensure_checkpoint(root: Path, size: str) -> Path:
+    from raylens.checkpoints.tiny import write_tiny_checkpoint
+
+    path = root / f"internvl2-{size}-random"
+    if not (path / "config.json").exists():
+        t = time.perf_counter()
+        llm = "internlm2" if size == "2b" else "qwen2"
+        write_tiny_checkpoint(path, format="internvl_chat", size=size, llm=llm, seed=0, max_tiles=12)
+        print(f"wrote {path} in {time.perf_counter() - t:.1f}s", flush=True)
+    return path
+
+
+def run_contender(name: str, args: dict, workdir: Path, timeout: int) -> dict:
+    out = workdir / f"{name}-{args['size']}-t{args['max_tiles']}.json"
+    with GpuMonitor() as gpu:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "bench.contenders", name, json.dumps(args), str(out)],
+                              timeout=timeout, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        return {"contender": name, "error": (proc.stdout[-2000:] + proc.stderr[-4000:]), "wall_s": wall}
+    r = json.loads(out.read_text())
+    r.update(contender=name, wall_s=round(wall, 1))
+    r["images_per_s"] = round(r["images"] / r["steady_s"], 2) if r["steady_s"] > 0 else None
+    r["output_tokens_per_s"] = round(r["output_tokens"] / r["steady_s"], 1) if r["steady_s"] > 0 else None
+    r["gpu_util_mean"] = gpu.mean_between(r.get("t_start", 0), r.get("t_end", wall))
+    r["gpu_util_samples"] = gpu.samples[-400:]
+    return r
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| size | max tiles | contender | images/s | output tok/s | GPU util % | vs pipeline | startup s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        base = next((x for x in results if x["contender"] == "pipeline" and x["size"] == r["size"]
+                     and x["max_tiles"] == r["max_tiles"] and x.get("images_per_s")), None)
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | failed | | | | |")
+            continue
+        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
+        lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | {r['images_per_s']} | {r['output_tokens_per_s']} "
+                     f"| {r['gpu_util_mean']} | {ratio} | {r['startup_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["1b"], choices=["tiny", "1b", "2b"])
+    p.add_argument("--tiles", nargs="+", type=int, default=[1, 12])
+    p.add_argument("--contenders", nargs="+", default=["pipeline", "raylens", "transformers"])
+    p.add_argument("--images", type=int, default=512, help="images at max tiles 1 (fewer at larger budgets)")
+    p.add_argument("--images-many-tiles", type=int, default=128, help="images when max tiles > 4")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--gpus-per-replica", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine-options", default="{}", help="JSON PytorchEngineConfig options for lmdeploy contenders")
+    p.add_argument("--workdir", default="/tmp/raylens-bench")
+    p.add_argument("--timeout", type=int, default=400, help="seconds per contender run")
+    p.add_argument("--out", required=True, help="JSON file for the raw results")
+    a = p.parse_args(argv)
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    images = work / "images"
+    write_images(images, max(a.images, a.images_many_tiles))
+    results = []
+    for size in a.sizes:
+        ckpt = ensure_checkpoint(work, size)
+        for tiles in a.tiles:
+            n = a.images if tiles <= 4 else a.images_many_tiles
+            args = dict(size=size, model=str(ckpt), images=str(images), n_images=n, max_tiles=tiles,
+                        max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
+                        gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options))
+            for name in a.contenders:
+                r = run_contender(name, args, work, a.timeout)
+                r.update(size=size, max_tiles=tiles, n_images=n, settings=args)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("gpu_util_samples", "settings")}), flush=True)
+                results.append(r)
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.out).write_text(json.dumps({"results": results, "host": os.uname().nodename}, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

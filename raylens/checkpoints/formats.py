@@ -1,0 +1,222 @@
+"""What a checkpoint directory is: its format, chat template and tiling numbers, read from JSON only.
+
+Two formats (docs/design.md):
+* `internvl_chat` (FORMAT_ORIGINAL): the InternVL2 hub layout, `architectures: ["InternVLChatModel"]`, with
+  `template`, `force_image_size`, `max_dynamic_patch`, ... at the top of config.json;
+* `internvl_hf` (FORMAT_HF): transformers-native `InternVLForConditionalGeneration` (`model_type: "internvl"`).
+  It has no template or tiling keys of its own, so raylens writes a `raylens.json` sidecar
+  (`{"template", "max_tiles", "min_tiles", "use_thumbnail"}`); without one, `processor_config.json`
+  (or `preprocessor_config.json`) supplies the tiling and the template defaults to "Hermes-2".
+
+Reading a spec never imports a model, a tokenizer or the checkpoint's remote code, so CPU-only Ray tasks
+(image tiling) and the lmdeploy engine can call it cheaply.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raylens.prompts import TEMPLATES
+
+FORMAT_ORIGINAL = "internvl_chat"
+FORMAT_HF = "internvl_hf"
+SIDECAR_FILE = "raylens.json"
+
+DEFAULT_HF_TEMPLATE = "Hermes-2"
+# InternVL2's published tiling (config.json of every size): 1..12 tiles of 448 px plus a thumbnail.
+DEFAULT_MIN_TILES = 1
+DEFAULT_MAX_TILES = 12
+DEFAULT_USE_THUMBNAIL = True
+
+# The template each InternVL2 LLM was trained with, for original configs that lack `template`.
+TEMPLATE_BY_LLM = {
+    "Qwen2ForCausalLM": "Hermes-2",
+    "InternLM2ForCausalLM": "internlm2-chat",
+    "Phi3ForCausalLM": "phi3-chat",
+}
+# transformers text model_type -> causal-LM class, for HF configs whose text_config lacks `architectures`.
+ARCHITECTURE_BY_MODEL_TYPE = {
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing a file or a key, or holds values raylens cannot use."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the CPU side (tiling, prompts) and the engines need to know about a checkpoint."""
+
+    path: str
+    format: str  # FORMAT_ORIGINAL | FORMAT_HF
+    template: str  # "Hermes-2" | "internlm2-chat" | "phi3-chat" (raylens.prompts.TEMPLATES)
+    tile_size: int
+    patch_size: int
+    downsample_ratio: float
+    image_tokens_per_tile: int  # (tile_size // patch_size) ** 2 * downsample_ratio ** 2
+    min_tiles: int
+    max_tiles: int
+    use_thumbnail: bool
+    llm_architecture: str  # e.g. "Qwen2ForCausalLM", "InternLM2ForCausalLM", "LlamaForCausalLM"
+    torch_dtype: str  # e.g. "bfloat16"
+    eos_token: str  # the template's stop token, e.g. "<|im_end|>"
+
+
+def image_tokens_per_tile(tile_size: int, patch_size: int, downsample_ratio: float) -> int:
+    """Image tokens one tile becomes after the ViT and the pixel shuffle (256 for 448 / 14 / 0.5)."""
+    return int((tile_size // patch_size) ** 2 * downsample_ratio**2)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found (is {path.parent} a checkpoint directory?)") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def detect_format(config: dict[str, Any]) -> str:
+    """FORMAT_ORIGINAL or FORMAT_HF from a parsed config.json; CheckpointError for anything else."""
+    architectures = config.get("architectures") or []
+    if config.get("model_type") == "internvl_chat" or "InternVLChatModel" in architectures:
+        return FORMAT_ORIGINAL
+    if config.get("model_type") == "internvl":
+        return FORMAT_HF
+    raise CheckpointError(
+        f"config.json describes model_type {config.get('model_type')!r} / architectures {architectures}; "
+        "raylens reads InternVL2 checkpoints (model_type 'internvl_chat') and transformers InternVL ('internvl')"
+    )
+
+
+def read_model_spec(model_dir: str | os.PathLike) -> ModelSpec:
+    """The ModelSpec of a checkpoint directory of either format (JSON only; no remote code runs)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory {root} does not exist")
+    config_path = root / "config.json"
+    config = read_json(config_path)
+    fmt = detect_format(config)
+    if fmt == FORMAT_ORIGINAL:
+        return _original_spec(root, config)
+    return _hf_spec(root, config)
+
+
+def _require(mapping: dict[str, Any], key: str, where: str) -> Any:
+    if key not in mapping or mapping[key] is None:
+        raise CheckpointError(f"{where} has no {key!r}")
+    return mapping[key]
+
+
+def _as_int(value: Any, what: str) -> int:
+    """image_size/patch_size may be an int or a [h, w] pair (transformers writes pairs); tiles are square."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{what} must be square, got {list(value)}")
+        value = value[0]
+    return int(value)
+
+
+def _eos_token(template: str, where: str) -> str:
+    if template not in TEMPLATES:
+        raise CheckpointError(f"{where}: unknown template {template!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[template].sep
+
+
+def _original_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
+    where = f"{root / 'config.json'}"
+    vision = _require(config, "vision_config", where)
+    llm = _require(config, "llm_config", where)
+    llm_architecture = (_require(llm, "architectures", f"{where} llm_config") or [None])[0]
+    template = config.get("template") or TEMPLATE_BY_LLM.get(llm_architecture)
+    if template is None:
+        raise CheckpointError(f"{where} has no 'template' and its LLM {llm_architecture!r} has no default one")
+    tile_size = _as_int(config.get("force_image_size") or _require(vision, "image_size", f"{where} vision_config"),
+                        "force_image_size")
+    patch_size = _as_int(_require(vision, "patch_size", f"{where} vision_config"), "patch_size")
+    ratio = float(config.get("downsample_ratio", 0.5))
+    if config.get("dynamic_image_size", False):
+        min_tiles = int(config.get("min_dynamic_patch", 1))
+        max_tiles = int(config.get("max_dynamic_patch", 6))
+    else:  # InternVL without dynamic resolution: one tile, no thumbnail.
+        min_tiles = max_tiles = 1
+    dtype = config.get("torch_dtype") or config.get("dtype") or llm.get("torch_dtype") or "bfloat16"
+    return ModelSpec(
+        path=str(root),
+        format=FORMAT_ORIGINAL,
+        template=template,
+        tile_size=tile_size,
+        patch_size=patch_size,
+        downsample_ratio=ratio,
+        image_tokens_per_tile=image_tokens_per_tile(tile_size, patch_size, ratio),
+        min_tiles=min_tiles,
+        max_tiles=max_tiles,
+        use_thumbnail=bool(config.get("use_thumbnail", False)),
+        llm_architecture=llm_architecture,
+        torch_dtype=str(dtype),
+        eos_token=_eos_token(template, where),
+    )
+
+
+def _processor_tiling(root: Path) -> dict[str, Any]:
+    """min/max tiles from a transformers processor config (GotOcr2 image processor keys), if any."""
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        path = root / name
+        if path.is_file():
+            data = read_json(path)
+            data = data.get(key, {}) if key else data
+            found = {}
+            if "min_patches" in data:
+                found["min_tiles"] = int(data["min_patches"])
+            if "max_patches" in data:
+                found["max_tiles"] = int(data["max_patches"])
+            if data.get("crop_to_patches") is False:
+                found["min_tiles"] = found["max_tiles"] = 1
+            return found
+    return {}
+
+
+def _hf_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
+    where = f"{root / 'config.json'}"
+    vision = _require(config, "vision_config", where)
+    text = _require(config, "text_config", where)
+    sidecar = read_json(root / SIDECAR_FILE) if (root / SIDECAR_FILE).is_file() else {}
+    tiling = {"min_tiles": DEFAULT_MIN_TILES, "max_tiles": DEFAULT_MAX_TILES, "use_thumbnail": DEFAULT_USE_THUMBNAIL}
+    tiling.update(_processor_tiling(root))
+    tiling.update({k: sidecar[k] for k in ("min_tiles", "max_tiles", "use_thumbnail") if k in sidecar})
+    template = sidecar.get("template", DEFAULT_HF_TEMPLATE)
+    tile_size = _as_int(vision.get("image_size", 448), "vision_config.image_size")
+    patch_size = _as_int(vision.get("patch_size", 14), "vision_config.patch_size")
+    ratio = float(config.get("downsample_ratio", 0.5))
+    architectures = text.get("architectures") or []
+    llm_architecture = architectures[0] if architectures else ARCHITECTURE_BY_MODEL_TYPE.get(text.get("model_type"))
+    if llm_architecture is None:
+        raise CheckpointError(f"{where} text_config has no 'architectures' and an unknown model_type "
+                              f"{text.get('model_type')!r}")
+    dtype = (config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+             or "bfloat16")
+    return ModelSpec(
+        path=str(root),
+        format=FORMAT_HF,
+        template=template,
+        tile_size=tile_size,
+        patch_size=patch_size,
+        downsample_ratio=ratio,
+        image_tokens_per_tile=image_tokens_per_tile(tile_size, patch_size, ratio),
+        min_tiles=int(tiling["min_tiles"]),
+        max_tiles=int(tiling["max_tiles"]),
+        use_thumbnail=bool(tiling["use_thumbnail"]),
+        llm_architecture=llm_architecture,
+        torch_dtype=str(dtype),
+        eos_token=_eos_token(template, f"{root / SIDECAR_FILE}"),
+    )

@@ -1,0 +1,24 @@
+"""Tiny checkpoints of every format x LLM, written once per session from the same seed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raylens.checkpoints.formats import FORMAT_HF, FORMAT_ORIGINAL
+
+FORMATS = (FORMAT_ORIGINAL, FORMAT_HF)
+LLMS = ("qwen2", "internlm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """{(format, llm): directory}; the same seed, so both formats of one LLM hold the same weights."""
+    from raylens.checkpoints.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {
+        (fmt, llm): write_tiny_checkpoint(root / f"{fmt}-{llm}", format=fmt, llm=llm, seed=0, max_tiles=6)
+        for fmt in FORMATS
+        for llm in LLMS
+    }
