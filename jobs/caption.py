@@ -162,6 +162,9 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
         batch_size=8,
         fn_kwargs=dict(filesystem=plan.in_fs, tiling=plan.tiling, max_pixels=cfg.max_pixels),
         num_cpus=1,
+        # Spread decoding over the cluster's CPUs. Passing the args through a function also keeps Ray
+        # Data from fusing this stage into the engine actors: fused, the GPU actor would decode images.
+        ray_remote_args_fn=_spread,
     )
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     engine = cfg.engine
@@ -183,6 +186,10 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
         num_cpus=1,
     )
     return ds, engine
+
+
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}
 
 
 def _lmdeploy_installed() -> bool:

@@ -361,7 +361,7 @@ def split_internlm2_wqkv(wqkv: torch.Tensor, num_heads: int, num_kv_heads: int, 
     """(q, k, v) from an InternLM2 fused wqkv weight (or bias), rows grouped (kv_heads, q_per_kv + 2, head_dim)."""
     q_per_kv = num_heads // num_kv_heads
     grouped = wqkv.reshape(num_kv_heads, q_per_kv + 2, head_dim, *wqkv.shape[1:])
-    q = grouped[:, :q_per_kv].transpose(0, 1).reshape(num_heads * head_dim, *wqkv.shape[1:])
+    q = grouped[:, :q_per_kv].reshape(num_heads * head_dim, *wqkv.shape[1:])
     k = grouped[:, q_per_kv].reshape(num_kv_heads * head_dim, *wqkv.shape[1:])
     v = grouped[:, q_per_kv + 1].reshape(num_kv_heads * head_dim, *wqkv.shape[1:])
     return q.contiguous(), k.contiguous(), v.contiguous()
@@ -373,7 +373,7 @@ def fuse_internlm2_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_h
     q_per_kv = num_heads // num_kv_heads
     rest = q.shape[1:]
     grouped = torch.cat(
-        [q.reshape(q_per_kv, num_kv_heads, head_dim, *rest).transpose(0, 1),
+        [q.reshape(num_kv_heads, q_per_kv, head_dim, *rest),
          k.reshape(num_kv_heads, 1, head_dim, *rest),
          v.reshape(num_kv_heads, 1, head_dim, *rest)],
         dim=1,

@@ -7,6 +7,8 @@ import shutil
 import pytest
 from transformers import AutoConfig
 
+from tiny_dirs_fixture import tiny_dirs  # noqa: F401  (fixture)
+
 from raylens.checkpoints.formats import (
     FORMAT_HF,
     FORMAT_ORIGINAL,

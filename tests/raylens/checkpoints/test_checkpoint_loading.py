@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tiny_dirs_fixture import tiny_dirs  # noqa: F401  (fixture)
+
 from raylens.checkpoints.formats import FORMAT_HF, FORMAT_ORIGINAL
 from raylens.checkpoints.loading import load_hf_model, read_safetensors
 from raylens.checkpoints.tiny import write_safetensors
