@@ -10,6 +10,7 @@ Contenders:
   transformers   what a user writes with transformers: batched `generate` over our own tiles
   raylens        the batch job's Ray Data pipeline (CPU tasks + lmdeploy engine actors); steady state is
                  measured between the first and the last output batch, so pipeline fill is excluded
+  raylens-lmdeploy-prep   the same job with lmdeploy's own image preprocessing (`preprocess="lmdeploy"`)
 
 Run one directly: `python -m bench.contenders pipeline ARGS_JSON OUT_JSON`.
 """
@@ -130,7 +131,17 @@ def run_raylens(args: dict) -> dict:
                 total_images=rows, total_wall_s=marks[-1][0], t_start=first_t, t_end=marks[-1][0])
 
 
-CONTENDERS = {"pipeline": run_pipeline, "transformers": run_transformers, "raylens": run_raylens}
+def run_raylens_lmdeploy_preprocess(args: dict) -> dict:
+    """The job, but images go through lmdeploy's own single-threaded preprocessing (for comparison)."""
+    return run_raylens({**args, "engine_options": {**args.get("engine_options", {}), "preprocess": "lmdeploy"}})
+
+
+CONTENDERS = {
+    "pipeline": run_pipeline,
+    "transformers": run_transformers,
+    "raylens": run_raylens,
+    "raylens-lmdeploy-prep": run_raylens_lmdeploy_preprocess,
+}
 
 
 if __name__ == "__main__":

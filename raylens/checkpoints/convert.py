@@ -11,7 +11,8 @@ Name map (original -> transformers), N = layer index:
     vision_model.embeddings.patch_embedding.*      model.vision_tower.embeddings.patch_embeddings.projection.*
     vision_model.encoder.layers.N.attn.qkv.*       ...encoder.layer.N.attention.{q,k,v}_proj.*  (3 equal row blocks)
     ...layers.N.attn.proj.* / attn.{q,k}_norm.*    ...layer.N.attention.projection_layer.* / attention.{q,k}_norm.*
-    ...layers.N.norm1.* / norm2.* / ls1 / ls2      ...layer.N.layernorm_before.* / layernorm_after.* / lambda_1 / lambda_2
+    ...layers.N.norm1.* / norm2.*                  ...layer.N.layernorm_before.* / layernorm_after.*
+    ...layers.N.ls1 / ls2                          ...layer.N.lambda_1 / lambda_2
     ...layers.N.mlp.fc1.* / mlp.fc2.*              ...layer.N.mlp.fc1.* / mlp.fc2.*
     mlp1.0.* / mlp1.1.* / mlp1.3.*                 model.multi_modal_projector.layer_norm.* / linear_1.* / linear_2.*
     language_model.model.*                         model.language_model.*   (Qwen2, Llama, Phi-3: same names)
@@ -68,10 +69,13 @@ _VISION_LAYER_RENAMES = (
     ("mlp.fc2.", "mlp.fc2."),
 )
 _VISION_EXACT_RENAMES = {
-    "vision_model.embeddings.class_embedding": "model.vision_tower.embeddings.cls_token",
-    "vision_model.embeddings.position_embedding": "model.vision_tower.embeddings.position_embeddings",
-    "vision_model.embeddings.patch_embedding.weight": "model.vision_tower.embeddings.patch_embeddings.projection.weight",
-    "vision_model.embeddings.patch_embedding.bias": "model.vision_tower.embeddings.patch_embeddings.projection.bias",
+    f"vision_model.embeddings.{old}": f"model.vision_tower.embeddings.{new}"
+    for old, new in (
+        ("class_embedding", "cls_token"),
+        ("position_embedding", "position_embeddings"),
+        ("patch_embedding.weight", "patch_embeddings.projection.weight"),
+        ("patch_embedding.bias", "patch_embeddings.projection.bias"),
+    )
 }
 _PROJECTOR_RENAMES = {"mlp1.0.": "model.multi_modal_projector.layer_norm.",
                       "mlp1.1.": "model.multi_modal_projector.linear_1.",
@@ -104,7 +108,8 @@ def _llm_architecture(llm_config: Mapping[str, Any]) -> str:
         raise ValueError("llm_config has no 'architectures'; cannot tell which LLM the checkpoint holds")
     arch = architectures[0]
     if arch != INTERNLM2 and arch not in NATIVE_LLM_TYPES:
-        raise ValueError(f"unsupported LLM architecture {arch!r}; raylens converts {INTERNLM2} and {sorted(NATIVE_LLM_TYPES)}")
+        raise ValueError(f"unsupported LLM architecture {arch!r}; "
+                         f"raylens converts {INTERNLM2} and {sorted(NATIVE_LLM_TYPES)}")
     return arch
 
 
@@ -392,7 +397,7 @@ def _vision_to_hf(name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor])
     prefix = f"{_VISION_PREFIX_HF}encoder.layer.{layer}."
     if rest.startswith("attn.qkv."):
         kind = rest[len("attn.qkv."):]
-        for proj, part in zip(("q_proj", "k_proj", "v_proj"), _split_rows(tensor, 3)):
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), _split_rows(tensor, 3), strict=True):
             out[f"{prefix}attention.{proj}.{kind}"] = part
         return True
     if rest in ("ls1", "ls2"):

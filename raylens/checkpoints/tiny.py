@@ -11,8 +11,9 @@ Sizes (notes/internvl.md 1.2, 1.3, 1.5):
 * "1b": InternViT-300M-448px + Qwen2-0.5B dims, vocab 151655, untied LM head (938.2M parameters; the
   InternVL repo forces tie_word_embeddings False).
 * "2b": InternViT-300M-448px + InternLM2-1.8B dims (as Llama), vocab 92553 (2205.8M parameters).
-The real vocab sizes are kept for 1b/2b so memory and compute match, although our tokenizer is small: ids
-past `len(tokenizer)` are rows nothing ever selects.
+The real vocab sizes are kept for 1b/2b so memory and compute match. Our tokenizer learns only 512 tokens,
+so for those sizes it is padded with unreachable `<|unused_N|>` entries up to the vocab: a random model emits
+ids anywhere in its vocab, and each must decode (lmdeploy's detokenizer fails on unknown ids).
 
 Weights come from a `torch.Generator` seeded with `seed`, parameter by parameter in module order and always
 drawn in float32 on the CPU, so the same seed gives the same weights in any dtype and on any device, and the
@@ -140,9 +141,11 @@ DEFAULT_CORPUS: tuple[str, ...] = (
 )
 
 
-def default_tokenizer(template: str = "Hermes-2", vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """The deterministic tokenizer of tiny checkpoints: BPE on `DEFAULT_CORPUS`."""
-    return build_tokenizer(DEFAULT_CORPUS, vocab_size=vocab_size, template=template)
+def default_tokenizer(template: str = "Hermes-2", vocab_size: int = 512, *, pad_to: int | None = None
+                      ) -> PreTrainedTokenizerFast:
+    """The deterministic tokenizer of random checkpoints: BPE on `DEFAULT_CORPUS` (512 tokens), padded with
+    unreachable placeholders up to `pad_to` (the LLM vocab of 1b/2b) so every id the model emits decodes."""
+    return build_tokenizer(DEFAULT_CORPUS, vocab_size=vocab_size, template=template, pad_to=pad_to)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -181,7 +184,7 @@ def build_config(size: str = "tiny", *, llm: str | None = None, tokenizer=None, 
     preset = SIZES[size]
     kind = LLM_KINDS[llm]
     if tokenizer is None:
-        tokenizer = default_tokenizer(kind.template)
+        tokenizer = default_tokenizer(kind.template, pad_to=preset.vocab_size)
     overrides = dict(overrides)
     vision = {**preset.vision, **overrides.pop("vision_config", {})}
     text = {**kind.text_defaults, **preset.text, **overrides.pop("text_config", {})}
@@ -247,7 +250,7 @@ def build_hf_model(size: str = "tiny", *, llm: str | None = None, seed: int = 0,
     """
     llm = resolve_llm(size, llm)
     if tokenizer is None:
-        tokenizer = default_tokenizer(LLM_KINDS[llm].template)
+        tokenizer = default_tokenizer(LLM_KINDS[llm].template, pad_to=SIZES[size].vocab_size)
     config = build_config(size, llm=llm, tokenizer=tokenizer, **overrides)
     dtype = _as_dtype(dtype)
     with torch.device(device), no_init_weights():

@@ -12,6 +12,7 @@ tokens the way transformers' InternVL processor expects (`start_image_token`, `e
 """
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -92,16 +93,37 @@ def train_bpe(corpus: Iterable[str], vocab_size: int, specials: list[str]) -> To
     return tokenizer
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, template: str = "Hermes-2") -> PreTrainedTokenizerFast:
+def pad_vocab(backend: Tokenizer, size: int) -> Tokenizer:
+    """`backend` with ids len..size-1 filled by `<|unused_N|>` vocabulary entries.
+
+    No merge produces them, so encoding never does; they exist so that every id of an LLM with a bigger
+    vocabulary decodes to something. A random-weight 1B model picks ids all over its 151655 rows, and
+    lmdeploy's incremental detokenizer cannot handle an id the tokenizer does not know.
+    """
+    data = json.loads(backend.to_str())
+    vocab = data["model"]["vocab"]
+    start = max(vocab.values()) + 1
+    if size < start:
+        raise ValueError(f"cannot pad a vocabulary of {start} tokens down to {size}")
+    for i in range(start, size):
+        vocab[f"<|unused_{i}|>"] = i
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, template: str = "Hermes-2", *,
+                    pad_to: int | None = None) -> PreTrainedTokenizerFast:
     """Train a tokenizer on `corpus` and wrap it for transformers, with `template`'s chat template.
 
     `vocab_size` is an upper bound: training stops early when the corpus has no pair seen twice left to merge,
     so `len(tokenizer)` may be smaller. eos is the template's stop token (`<|im_end|>` for ChatML), pad is
     `<|endoftext|>`; there is no bos, as in Qwen2 (InternVL2 prompts never start with one).
+    `pad_to` fills the vocabulary with unreachable placeholders up to that size (`pad_vocab`).
     """
     chat = get_template(template)
     specials = special_tokens(template)
     backend = train_bpe(corpus, vocab_size, specials)
+    if pad_to is not None:
+        backend = pad_vocab(backend, pad_to)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=chat.sep,

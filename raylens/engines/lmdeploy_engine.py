@@ -8,16 +8,26 @@ raylens imports on machines without CUDA. Facts this relies on (notes/lmdeploy.m
   same `raylens.prompts` template the transformers engine uses;
 * an engine is bound to one event loop: it starts lazily on the loop of the first `generate` call, and
   every request of a batch is submitted at once, so continuous batching sees the whole batch (and, with
-  several batches in flight in the Ray actor, more than one).
+  several batches in flight in the Ray actor, more than one);
+* lmdeploy tiles and normalises images on ONE thread per engine (`vl/engine.py`), which caps an engine
+  at tens of photos per second. With `preprocess="raylens"` (the default) we hand the engine ready
+  inputs instead: token ids from our template and normalised tiles built on a thread pool, attached as
+  the `multimodal` entries its InternVL input processor reads (pixel_values, offset, image_tokens,
+  image_token_id). `preprocess="lmdeploy"` sends PIL images through lmdeploy's own path.
 """
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from raylens.checkpoints.formats import read_model_spec
 from raylens.engines.base import SamplingParams, VLRequest, VLResult, format_error
+from raylens.engines.encoding import encode_request
+from raylens.images import TilingSpec
 from raylens.prompts import ChatTemplate, get_template
+
+PREPROCESS_MODES = ("raylens", "lmdeploy")
 
 
 def lmdeploy_chat_template(template: ChatTemplate, name: str):
@@ -53,8 +63,12 @@ class LMDeployEngine:
         session_len: int | None = None,
         eager_mode: bool = False,
         model_name: str | None = None,
+        preprocess: str = "raylens",
+        preprocess_threads: int = 4,
         engine_options: dict[str, Any] | None = None,
     ) -> None:
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         from lmdeploy import PytorchEngineConfig
         from lmdeploy.serve.core import VLAsyncEngine
 
@@ -84,6 +98,17 @@ class LMDeployEngine:
                 "(an original-format checkpoint needs its configuration_*.py files)"
             ) from None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.preprocess = preprocess
+        if preprocess == "raylens":
+            import torch
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+            self._tiling = TilingSpec(tile_size=self.spec.tile_size, min_tiles=self.spec.min_tiles,
+                                      max_tiles=self.spec.max_tiles, use_thumbnail=self.spec.use_thumbnail)
+            self._image_token_id = self._tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+            self._feature_dtype = getattr(torch, self.spec.torch_dtype, torch.bfloat16)
+            self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="raylens-prep")
 
     def _ensure_started(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,10 +142,32 @@ class LMDeployEngine:
             content.insert(0, {"type": "image_data", "image_data": {"data": image, "max_dynamic_patch": max_tiles}})
         return [{"role": "user", "content": content}]
 
+    def _ready_inputs(self, req: VLRequest) -> tuple[list[int], list[dict] | None]:
+        """Token ids and the `multimodal` entry lmdeploy's InternVL input processor consumes."""
+        import torch
+
+        enc = encode_request(req, template=self.template, tokenizer=self._tokenizer, tiling=self._tiling,
+                             image_tokens_per_tile=self.spec.image_tokens_per_tile)
+        if enc.pixel_values is None:
+            return enc.input_ids, None
+        pixel_values = torch.from_numpy(enc.pixel_values).to(self._feature_dtype)
+        return enc.input_ids, [dict(pixel_values=pixel_values, offset=enc.image_offset,
+                                    image_tokens=enc.image_tokens, image_token_id=self._image_token_id)]
+
+    async def _prepare(self, req: VLRequest, gen_config):
+        engine = self._engine
+        if self.preprocess == "lmdeploy":
+            return await engine.preprocess(messages=self._messages(req), session_id=engine.session_mgr.get(), gen_config=gen_config)
+        input_ids, multimodal = await asyncio.get_running_loop().run_in_executor(self._pool, self._ready_inputs, req)
+        prepared = await engine.preprocess(messages=None, input_ids=input_ids, session_id=engine.session_mgr.get(), gen_config=gen_config)
+        if multimodal is not None:
+            prepared.inputs["multimodal"] = multimodal
+        return prepared
+
     async def _one(self, req: VLRequest, gen_config) -> VLResult:
         engine = self._engine
         try:
-            prepared = await engine.preprocess(messages=self._messages(req), session_id=engine.session_mgr.get(), gen_config=gen_config)
+            prepared = await self._prepare(req, gen_config)
         except Exception as exc:  # bad input for this request only
             return VLResult.failed(req.request_id, exc)
         pieces: list[str] = []
@@ -154,4 +201,6 @@ class LMDeployEngine:
         return results
 
     def close(self) -> None:
+        if self.preprocess == "raylens":
+            self._pool.shutdown(wait=False)
         self._engine.close()

@@ -15,8 +15,9 @@ from typing import Sequence
 import numpy as np
 
 from raylens.engines.base import SamplingParams, VLRequest, VLResult
-from raylens.images import TilingSpec, pixel_values_for
-from raylens.prompts import build_prompt, expand_image_placeholders, get_template
+from raylens.engines.encoding import encode_request
+from raylens.images import TilingSpec
+from raylens.prompts import get_template
 
 
 @dataclass
@@ -97,13 +98,9 @@ class TransformersEngine:
     # -- internals -------------------------------------------------------------------------------
 
     def _encode(self, index: int, req: VLRequest, params: SamplingParams) -> _Encoded:
-        image = req.image
-        prompt = build_prompt(self.template, req.question, num_images=1 if image is not None else 0)
-        pixel_values = None
-        if image is not None:
-            pixel_values = pixel_values_for(image, self.tiling())  # the grid was chosen upstream
-            prompt = expand_image_placeholders(prompt, [pixel_values.shape[0] * self.spec.image_tokens_per_tile])
-        input_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        enc = encode_request(req, template=self.template, tokenizer=self.tokenizer, tiling=self.tiling(),
+                             image_tokens_per_tile=self.spec.image_tokens_per_tile)
+        input_ids, pixel_values = enc.input_ids, enc.pixel_values
         needed = len(input_ids) + params.max_new_tokens
         if self._max_positions and needed > self._max_positions:
             raise ValueError(

@@ -7,8 +7,6 @@ import shutil
 import pytest
 from transformers import AutoConfig
 
-from tiny_dirs_fixture import tiny_dirs  # noqa: F401  (fixture)
-
 from raylens.checkpoints.formats import (
     FORMAT_HF,
     FORMAT_ORIGINAL,
@@ -17,6 +15,8 @@ from raylens.checkpoints.formats import (
     image_tokens_per_tile,
     read_model_spec,
 )
+
+pytest_plugins = ("tiny_dirs_fixture",)  # the `tiny_dirs` fixture
 
 ARCH = {
     (FORMAT_ORIGINAL, "qwen2"): "Qwen2ForCausalLM",

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_dirs_fixture import tiny_dirs  # noqa: F401  (fixture)
-
 from raylens.checkpoints.formats import FORMAT_HF, FORMAT_ORIGINAL
 from raylens.checkpoints.loading import load_hf_model, read_safetensors
 from raylens.checkpoints.tiny import write_safetensors
 from raylens.prompts import build_prompt, expand_image_placeholders, get_template
+
+pytest_plugins = ("tiny_dirs_fixture",)  # the `tiny_dirs` fixture
 
 NUM_TILES = 2
 
@@ -31,7 +31,7 @@ def _inputs(tokenizer, spec, seed=0):
 @pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
 def test_both_formats_give_identical_logits_and_generations(tiny_dirs, llm):
     loaded = {fmt: load_hf_model(tiny_dirs[fmt, llm]) for fmt in (FORMAT_ORIGINAL, FORMAT_HF)}
-    (orig, tok_o, spec_o), (hf, tok_h, spec_h) = loaded[FORMAT_ORIGINAL], loaded[FORMAT_HF]
+    (orig, tok_o, spec_o), (hf, tok_h, _) = loaded[FORMAT_ORIGINAL], loaded[FORMAT_HF]
     assert tok_o.get_vocab() == tok_h.get_vocab()
     input_ids, pixel_values = _inputs(tok_o, spec_o)
     assert (input_ids == orig.config.image_token_id).sum() == NUM_TILES * 16
@@ -85,7 +85,7 @@ def test_sharded_weights_load_the_same(tmp_path, tiny_dirs):
     assert read_safetensors(sharded).keys() == tensors.keys()
     a, _, _ = load_hf_model(src)
     b, _, _ = load_hf_model(sharded)
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 
 

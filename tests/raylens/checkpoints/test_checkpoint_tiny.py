@@ -30,7 +30,7 @@ def test_weights_do_not_depend_on_dtype_or_global_rng():
     bf16, _ = build_hf_model("tiny", seed=5, dtype=torch.bfloat16)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(1), before)  # the caller's RNG stream is untouched
-    for (name, x), (_, y) in zip(f32.state_dict().items(), bf16.state_dict().items()):
+    for (name, x), (_, y) in zip(f32.state_dict().items(), bf16.state_dict().items(), strict=True):
         assert y.dtype == torch.bfloat16
         assert torch.equal(x.to(torch.bfloat16), y), name
 
@@ -49,7 +49,8 @@ def test_tiny_dims(llm):
     assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers,
             config.vision_config.num_attention_heads, tuple(config.vision_config.image_size)) == (64, 2, 2, (112, 112))
     text = config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (64, 2, 4, 2)
+    dims = (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads)
+    assert dims == (64, 2, 4, 2)
     assert text.model_type == {"qwen2": "qwen2", "internlm2": "llama"}[llm]
     assert text.vocab_size >= len(tokenizer)
     assert config.image_seq_length == 16
@@ -86,7 +87,9 @@ def test_real_sizes_on_meta_device(size, llm, expected_millions, vocab):
     vision = sum(p.numel() for p in model.model.vision_tower.parameters())
     assert abs(vision / 1e6 - 304.0) < 0.1
     assert model.config.text_config.vocab_size == vocab
-    assert model.config.image_token_id < len(tokenizer)  # the image token is a real token of our tokenizer
+    assert model.config.image_token_id < 512  # the image token is a real (trained) token of our tokenizer
+    assert len(tokenizer) == vocab  # padded with placeholders, so any id the random model emits decodes
+    assert tokenizer.decode([vocab - 1]) == f"<|unused_{vocab - 1}|>"
     assert model.config.image_seq_length == 256
 
 

@@ -17,7 +17,8 @@ def tokenizer():
 
 
 def test_special_tokens(tokenizer):
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS)}
+    names = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
     assert list(ids.values()) == list(range(len(ids)))  # specials first, in a fixed order
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.bos_token is None
@@ -73,3 +74,14 @@ def test_deterministic_and_bounded():
     assert a.get_vocab() == b.get_vocab()
     with pytest.raises(ValueError, match="vocab_size"):
         build_tokenizer(CORPUS, vocab_size=100)
+
+
+def test_padding_adds_unreachable_placeholders():
+    base = build_tokenizer(CORPUS, vocab_size=400)
+    padded = build_tokenizer(CORPUS, vocab_size=400, pad_to=1000)
+    assert len(padded) == 1000
+    assert padded.convert_ids_to_tokens(999) == "<|unused_999|>"
+    text = "a red circle <|unused_600|> above"
+    assert padded(text, add_special_tokens=False)["input_ids"] == base(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="pad"):
+        build_tokenizer(CORPUS, vocab_size=400, pad_to=10)

@@ -1,4 +1,4 @@
-"""Tiny checkpoints of every format x LLM, from one seed (imported by the test modules that need them).
+"""Tiny checkpoints of every format x LLM, from one seed; a plugin (`pytest_plugins`) of the tests using them.
 
 Not a conftest.py: other tests do `from conftest import ...`, which a second conftest module would shadow.
 """
@@ -14,7 +14,7 @@ FORMATS = (FORMAT_ORIGINAL, FORMAT_HF)
 LLMS = ("qwen2", "internlm2")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[tuple[str, str], Path]:
     """{(format, llm): directory}; the same seed, so both formats of one LLM hold the same weights."""
     from raylens.checkpoints.tiny import write_tiny_checkpoint

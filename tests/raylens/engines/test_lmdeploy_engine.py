@@ -29,12 +29,13 @@ def _requests(spec, images: list[bytes], max_tiles: int | None, question: str) -
     return [VLRequest(f"r{i}", question, prepare_image(decode_image(b), tiling), max_tiles=max_tiles) for i, b in enumerate(images)]
 
 
-def _both(model_dir: str, images: list[bytes], max_tiles: int | None, question: str = "Describe the image.", max_new_tokens: int = 16):
+def _both(model_dir: str, images: list[bytes], max_tiles: int | None, question: str = "Describe the image.",
+          max_new_tokens: int = 16, preprocess: str = "raylens"):
     from raylens.engines.lmdeploy_engine import LMDeployEngine
     from raylens.engines.transformers_engine import TransformersEngine
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    lm = LMDeployEngine(model_dir, max_batch_size=16, cache_max_entry_count=0.2, eager_mode=True)
+    lm = LMDeployEngine(model_dir, max_batch_size=16, cache_max_entry_count=0.2, eager_mode=True, preprocess=preprocess)
     try:
         lm_results = asyncio.run(lm.generate(_requests(lm.spec, images, max_tiles, question), params))
     finally:
@@ -45,13 +46,14 @@ def _both(model_dir: str, images: list[bytes], max_tiles: int | None, question: 
     return lm_results, hf_results
 
 
+@pytest.mark.parametrize("preprocess", ["raylens", "lmdeploy"])
 @pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
-def test_lmdeploy_loads_our_original_format_and_sees_the_same_prompt(tmp_path, llm):
+def test_lmdeploy_loads_our_original_format_and_sees_the_same_prompt(tmp_path, llm, preprocess):
     from raylens.checkpoints.tiny import write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(tmp_path / f"tiny-{llm}", format="internvl_chat", llm=llm, seed=1, max_tiles=4)
     images = [image_bytes((64, 48)), image_bytes((300, 100), (0, 0, 255)), image_bytes((50, 200), (0, 255, 0))]
-    lm, hf = _both(str(ckpt), images, max_tiles=4)
+    lm, hf = _both(str(ckpt), images, max_tiles=4, preprocess=preprocess)
     for a, b in zip(lm, hf):
         assert a.error is None, a.error
         # Same template, same tiles, same image tokens: lmdeploy's own preprocessing agrees with ours.
@@ -59,9 +61,10 @@ def test_lmdeploy_loads_our_original_format_and_sees_the_same_prompt(tmp_path, l
         assert a.num_output_tokens >= 1
 
 
-def test_demo_model_captions_identically_on_both_engines():
+@pytest.mark.parametrize("preprocess", ["raylens", "lmdeploy"])
+def test_demo_model_captions_identically_on_both_engines(preprocess):
     images = sorted(EXAMPLES.iterdir())
     lm, hf = _both(str(DEMO_MODEL_DIR), [p.read_bytes() for p in images], max_tiles=None,
-                   question="Provide a one-sentence caption for the provided image.")
+                   question="Provide a one-sentence caption for the provided image.", preprocess=preprocess)
     assert [r.text for r in lm] == [r.text for r in hf]
     assert all(r.text.startswith("a ") and r.text.endswith("background.") for r in lm), [r.text for r in lm]

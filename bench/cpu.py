@@ -1,0 +1,108 @@
+"""CPU-only benchmark, fast enough for CI machines: where the CPU side of the job spends its time.
+
+    python -m bench.cpu --out bench/results/cpu.json
+
+Reports (a) preprocessing images/s per core (decode + grid + downscale, and tile + normalise) for photo
+sizes and tile budgets, and (b) the Ray pipeline's overhead: the job on N images with the tiny model
+versus the same engine called directly in a loop. It reports; it asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from raylens.images import TilingSpec, decode_image, pixel_values_for, prepare_image
+
+
+def _jpeg(size: tuple[int, int], seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    small = rng.integers(0, 256, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    pixels = np.kron(small, np.ones((16, 16, 1), dtype=np.uint8))[:h, :w]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def preprocessing(seconds: float = 2.0) -> list[dict]:
+    rows = []
+    for size in [(640, 480), (1920, 1080), (4032, 3024)]:
+        data = _jpeg(size)
+        for max_tiles in (1, 6, 12):
+            spec = TilingSpec(tile_size=448, max_tiles=max_tiles)
+            n, t0 = 0, time.perf_counter()
+            prep_s = tile_s = 0.0
+            while time.perf_counter() - t0 < seconds:
+                a = time.perf_counter()
+                prepared = prepare_image(decode_image(data), spec)
+                b = time.perf_counter()
+                pixel_values_for(prepared, spec)
+                prep_s += b - a
+                tile_s += time.perf_counter() - b
+                n += 1
+            rows.append({"image": f"{size[0]}x{size[1]}", "max_tiles": max_tiles, "tiles": prepared.num_tiles,
+                         "decode_grid_downscale_per_s": round(n / prep_s, 1), "tile_normalise_per_s": round(n / tile_s, 1)})
+    return rows
+
+
+def pipeline_overhead(n_images: int = 48) -> dict:
+    import ray
+
+    from bench.data import write_images
+    from jobs.caption import main, setup
+    from jobs.caption_config import CaptionJobConfig
+    from raylens.checkpoints.tiny import write_tiny_checkpoint
+    from raylens.engines.base import SamplingParams, VLRequest
+    from raylens.engines.transformers_engine import TransformersEngine
+
+    work = Path(tempfile.mkdtemp(prefix="raylens-cpu-bench-"))
+    ckpt = write_tiny_checkpoint(work / "tiny", format="internvl_chat", seed=0, max_tiles=1)
+    paths = write_images(work / "images", n_images)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+    engine = TransformersEngine(str(ckpt), max_batch_size=16)
+    spec = engine.tiling(1)
+    t0 = time.perf_counter()
+    for i in range(0, n_images, 16):
+        reqs = [VLRequest(str(p), "Describe.", prepare_image(decode_image(p.read_bytes()), spec)) for p in paths[i : i + 16]]
+        asyncio.run(engine.generate(reqs, params))
+    direct = time.perf_counter() - t0
+
+    ray.init(num_cpus=2, logging_level="ERROR")
+    cfg = CaptionJobConfig(input=str(work / "images"), output=str(work / "out"), model=str(ckpt), engine="transformers",
+                           max_tiles=1, max_new_tokens=16, ignore_eos=True, batch_size=16)
+    summary = main(setup(cfg))
+    ray.shutdown()
+    return {"images": n_images, "direct_loop_s": round(direct, 2), "direct_images_per_s": round(n_images / direct, 1),
+            "ray_job_wall_s": summary["wall_s"], "ray_job_images_per_s": summary["images_per_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=1.5, help="time per preprocessing measurement")
+    p.add_argument("--images", type=int, default=48)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    result = {"preprocessing_one_core": preprocessing(a.seconds), "pipeline_overhead": pipeline_overhead(a.images)}
+    print("| image | max tiles | tiles | decode+grid+downscale /s | tile+normalise /s |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in result["preprocessing_one_core"]:
+        print(f"| {r['image']} | {r['max_tiles']} | {r['tiles']} | {r['decode_grid_downscale_per_s']} | {r['tile_normalise_per_s']} |")
+    print(json.dumps(result["pipeline_overhead"]))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
