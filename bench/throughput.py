@@ -35,15 +35,16 @@ def ensure_checkpoint(root: Path, size: str) -> Path:
 
 def run_contender(name: str, args: dict, workdir: Path, timeout: int) -> dict:
     out = workdir / f"{name}-{args['size']}-t{args['max_tiles']}.json"
+    label, name = name, name.split("@")[0]
     with GpuMonitor() as gpu:
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "bench.contenders", name, json.dumps(args), str(out)],
                               timeout=timeout, capture_output=True, text=True)
         wall = time.perf_counter() - t
     if proc.returncode != 0:
-        return {"contender": name, "error": (proc.stdout[-2000:] + proc.stderr[-4000:]), "wall_s": wall}
+        return {"contender": label, "error": (proc.stdout[-2000:] + proc.stderr[-4000:]), "wall_s": wall}
     r = json.loads(out.read_text())
-    r.update(contender=name, wall_s=round(wall, 1))
+    r.update(contender=label, wall_s=round(wall, 1))
     r["images_per_s"] = round(r["images"] / r["steady_s"], 2) if r["steady_s"] > 0 else None
     r["output_tokens_per_s"] = round(r["output_tokens"] / r["steady_s"], 1) if r["steady_s"] > 0 else None
     r["gpu_util_mean"] = gpu.mean_between(r.get("t_start", 0), r.get("t_end", wall))
@@ -97,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
                         gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options))
             for name in a.contenders:
-                r = run_contender(name, args, work, a.timeout)
+                run_args = dict(args)
+                if "@r" in name:  # e.g. raylens@r2: 2 engines sharing the GPU
+                    n = int(name.split("@r")[1])
+                    run_args.update(replicas=n, gpus_per_replica=round(1 / n, 3),
+                                    engine_options={**args["engine_options"], "cache_max_entry_count": round(0.7 / n, 3)})
+                r = run_contender(name, run_args, work, a.timeout)
                 r.update(size=size, max_tiles=tiles, n_images=n, settings=args)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("gpu_util_samples", "settings")}), flush=True)
                 results.append(r)

@@ -176,7 +176,9 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
     ds = ds.map_batches(
         GenerateStage,
         batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(size=cfg.replicas),
+        # Several calls per actor at once: without it an actor takes one batch at a time and lmdeploy's
+        # continuous batching never sees more than --batch-size requests (measured: GPU 19% busy).
+        compute=ActorPoolStrategy(size=cfg.replicas, max_concurrent_calls_per_actor=cfg.batches_in_flight),
         fn_constructor_kwargs=dict(
             engine=engine,
             model_dir=plan.model_dir, model_name=plan.model_name, engine_options=engine_options,

@@ -42,6 +42,7 @@ class CaptionJobConfig:
     # -- scale ------------------------------------------------------------------------------
     batch_size: int = _f(16, "images per engine call")
     replicas: int = _f(1, "engine actors (GPU actors where GPUs exist, CPU actors otherwise)")
+    batches_in_flight: int = _f(8, "batches each engine actor works on at once: keeps an async engine's queue full")
     gpus_per_replica: float = _f(1.0, "GPUs per engine actor where the cluster has GPUs (fractions share a GPU)")
     max_pixels: int = _f(64_000_000, "refuse images that declare more pixels than this (decompression bombs)")
     # -- storage ----------------------------------------------------------------------------
@@ -60,6 +61,7 @@ class CaptionJobConfig:
             (0.0 < self.top_p <= 1.0, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}"),
+            (self.batches_in_flight >= 1, f"--batches-in-flight must be >= 1, got {self.batches_in_flight}"),
             (self.gpus_per_replica > 0, f"--gpus-per-replica must be > 0, got {self.gpus_per_replica}"),
             (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
             (all(p and p.strip() for p in self.prompt), "--prompt must not be empty"),
