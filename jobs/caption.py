@@ -155,11 +155,14 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
     from raylens.engines.base import SamplingParams
 
     cfg = plan.config
-    num_blocks = max(1, min(len(rows) // 8, 1000))
+    lo, hi = cfg.replica_range()
+    # One block per engine batch: a block is the unit Ray retries, so when an engine actor dies only the
+    # batches it was working on are retried (and, past --engine-retries, recorded as errors).
+    num_blocks = max(1, min(-(-len(rows) // cfg.batch_size), 20_000))
     ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
     ds = ds.map_batches(
         prepare_batch,
-        batch_size=8,
+        batch_size=cfg.batch_size,  # keeps blocks batch-sized all the way to the engine (see num_blocks)
         fn_kwargs=dict(filesystem=plan.in_fs, tiling=plan.tiling, max_pixels=cfg.max_pixels),
         num_cpus=1,
         # Spread decoding over the cluster's CPUs. Passing the args through a function also keeps Ray
@@ -178,7 +181,7 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
         batch_size=cfg.batch_size,
         # Several calls per actor at once: without it an actor takes one batch at a time and lmdeploy's
         # continuous batching never sees more than --batch-size requests (measured: GPU 19% busy).
-        compute=ActorPoolStrategy(size=cfg.replicas, max_concurrent_calls_per_actor=cfg.batches_in_flight),
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=cfg.batches_in_flight),
         fn_constructor_kwargs=dict(
             engine=engine,
             model_dir=plan.model_dir, model_name=plan.model_name, engine_options=engine_options,
@@ -186,8 +189,39 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
         ),
         num_gpus=cfg.gpus_per_replica if has_gpus else 0,
         num_cpus=1,
+        # A dead engine actor is restarted (Ray Data's default) and its batch retried, but only this often:
+        # a batch that kills every engine it meets must not loop forever. Its rows become error rows.
+        max_task_retries=cfg.engine_retries,
     )
+    # A batch that still fails is dropped here and its rows are recorded as errors by the driver
+    # (`record_lost_rows`), so the job finishes and no row goes missing.
+    ds.context.max_errored_blocks = -1
     return ds, engine
+
+
+def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> None:
+    """Rows of batches that failed for good (engine actor died past its retries): written as errors."""
+    import pyarrow as pa
+
+    from jobs.caption_stages import STAGE_OUTPUT_SCHEMA
+
+    incomplete = writer.incomplete()
+    if not incomplete:
+        return
+    logger.warning("%d shards have rows whose batch failed; recording them as errors", len(incomplete))
+    message = (f"BatchFailed: the batch holding this row failed {plan.config.engine_retries + 1} times "
+               "(engine actor died or a stage raised); see the Ray logs")
+    for shard in sorted(incomplete):
+        have = writer.rows_of(shard)
+        seen = set() if have is None else set(zip(have.column("id").to_pylist(), have.column("prompt_index").to_pylist()))
+        lost = [
+            {"id": r["id"], "prompt_index": j, "image": r["image"], "prompt": prompt, "text": None, "error": message,
+             "stage": "engine", "model": plan.model_name, "num_tiles": 0, "num_input_tokens": 0,
+             "num_output_tokens": 0, "finish_reason": None, "shard": shard}
+            for r in rows if r["shard"] == shard
+            for j, prompt in enumerate(plan.config.prompt) if (r["id"], j) not in seen
+        ]
+        writer.add(pa.Table.from_pylist(lost, schema=STAGE_OUTPUT_SCHEMA))
 
 
 def _spread() -> dict:
@@ -244,8 +278,7 @@ def main(plan: JobPlan) -> dict:
         writer = ShardWriter(plan.out_fs, plan.out_root, plan.config.format, expected, OUTPUT_SCHEMA)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)
-        if writer.incomplete():
-            raise RuntimeError(f"shards left incomplete: {writer.incomplete()}")
+        record_lost_rows(plan, writer, rows)
     else:
         print("every shard is already written; nothing to do", flush=True)
     summary = summarize(plan, time.perf_counter() - start, engine, processed_images=len(rows))
@@ -267,7 +300,14 @@ def run(argv: list[str] | None = None) -> int:
     summary = main(plan)
     brief = {k: summary[k] for k in ("rows", "succeeded", "failed", "wall_s", "images_per_s", "model", "engine")}
     print("summary: " + json.dumps(brief), flush=True)
-    return 0 if summary["succeeded"] > 0 else 1
+    if summary["succeeded"] == 0:
+        print("error: no image could be processed (see the error column)", file=sys.stderr)
+        return 1
+    rate = summary["failed"] / summary["rows"]
+    if rate > config.max_error_rate:
+        print(f"error: {rate:.1%} of rows failed, more than --max-error-rate {config.max_error_rate}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

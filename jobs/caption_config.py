@@ -31,7 +31,7 @@ class CaptionJobConfig:
     prompt: list[str] = _f(None, "the instruction asked of every image; repeat the flag to ask several (one row each)", action="append")
     # -- model and engine -------------------------------------------------------------------
     model: str | None = _f(None, "Hugging Face id (OpenGVLab/InternVL2-2B), local directory or s3:// prefix; default: the shipped demo model")
-    engine: str = _f("auto", "auto (lmdeploy on GPUs when installed, else transformers) | lmdeploy | transformers", choices=ENGINES)
+    engine: str = _f("auto", "auto (lmdeploy on GPUs when installed, else transformers) | lmdeploy | transformers | package.module:Class")
     max_tiles: int | None = _f(None, "at most this many 448px tiles per image (+ thumbnail); default: the checkpoint's max_dynamic_patch")
     max_new_tokens: int = _f(64, "longest answer, in tokens")
     temperature: float = _f(0.0, "0 = greedy; > 0 samples")
@@ -41,10 +41,13 @@ class CaptionJobConfig:
     engine_args: str | None = _f(None, "JSON object of engine options, e.g. '{\"cache_max_entry_count\": 0.5}' for lmdeploy")
     # -- scale ------------------------------------------------------------------------------
     batch_size: int = _f(16, "images per engine call")
-    replicas: int = _f(1, "engine actors (GPU actors where GPUs exist, CPU actors otherwise)")
+    replicas: str = _f("1", "engine actors: N, or MIN:MAX to autoscale (GPU actors where GPUs exist, CPU actors otherwise)")
     batches_in_flight: int = _f(8, "batches each engine actor works on at once: keeps an async engine's queue full")
     gpus_per_replica: float = _f(1.0, "GPUs per engine actor where the cluster has GPUs (fractions share a GPU)")
     max_pixels: int = _f(64_000_000, "refuse images that declare more pixels than this (decompression bombs)")
+    # -- failures ---------------------------------------------------------------------------
+    max_error_rate: float = _f(1.0, "exit 1 when more than this fraction of rows failed")
+    engine_retries: int = _f(2, "retries of a batch whose engine actor died; its rows are then recorded as errors")
     # -- storage ----------------------------------------------------------------------------
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL; default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL")
 
@@ -54,13 +57,15 @@ class CaptionJobConfig:
         elif isinstance(self.prompt, str):
             self.prompt = [self.prompt]
         checks = [
-            (self.engine in ENGINES, f"--engine must be one of {ENGINES}, got {self.engine!r}"),
+            (self.engine in ENGINES or ":" in self.engine, f"--engine must be one of {ENGINES} or package.module:Class, got {self.engine!r}"),
             (self.max_tiles is None or self.max_tiles >= 1, f"--max-tiles must be >= 1, got {self.max_tiles}"),
             (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
             (0.0 <= self.temperature <= 2.0, f"--temperature must be in [0, 2], got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}"),
+            (self._replicas_ok(), f"--replicas must be N or MIN:MAX with 1 <= MIN <= MAX, got {self.replicas!r}"),
+            (0.0 <= self.max_error_rate <= 1.0, f"--max-error-rate must be in [0, 1], got {self.max_error_rate}"),
+            (self.engine_retries >= 0, f"--engine-retries must be >= 0, got {self.engine_retries}"),
             (self.batches_in_flight >= 1, f"--batches-in-flight must be >= 1, got {self.batches_in_flight}"),
             (self.gpus_per_replica > 0, f"--gpus-per-replica must be > 0, got {self.gpus_per_replica}"),
             (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
@@ -72,6 +77,18 @@ class CaptionJobConfig:
             if not ok:
                 raise ValueError(message)
         self.engine_options()  # validates --engine-args
+
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) engine actors."""
+        lo, _, hi = str(self.replicas).partition(":")
+        return int(lo), int(hi or lo)
+
+    def _replicas_ok(self) -> bool:
+        try:
+            lo, hi = self.replica_range()
+        except ValueError:
+            return False
+        return 1 <= lo <= hi
 
     def engine_options(self) -> dict:
         """--engine-args parsed (a JSON object), {} when not given."""

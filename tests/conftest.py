@@ -41,9 +41,26 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    _add_tests_to_worker_path()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _add_tests_to_worker_path() -> None:
+    """Ray workers inherit the environment: let them import tests/fakes.py (`--engine fakes:...`)."""
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(TESTS_DIR) not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *parts])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for running the job's CLI in a child process that can import tests/fakes.py."""
+    _add_tests_to_worker_path()
+    return {**os.environ, **extra}
 
 
 def image_bytes(size=(64, 48), color=(200, 30, 30), fmt="PNG", mode="RGB") -> bytes:

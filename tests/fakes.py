@@ -1,0 +1,44 @@
+"""Engines for tests that need behaviour a real model cannot be asked for: speed, crashes.
+
+Loaded by the job through `--engine fakes:Name` (tests/ is on the Ray workers' PYTHONPATH, see conftest).
+They implement the real `VLEngine` protocol; everything around them (Ray Data, shards, Parquet) is real.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+
+from raylens.checkpoints.formats import read_model_spec
+from raylens.engines.base import SamplingParams, VLRequest, VLResult
+
+POISON_WIDTH = 13  # an image this wide kills the engine's process
+
+
+class EchoEngine:
+    """Answers `<question> | <width>x<height>` after `delay_s` per batch."""
+
+    def __init__(self, model_dir: str, *, model_name: str | None = None, delay_s: float = 0.0, **_: object) -> None:
+        self.spec = read_model_spec(model_dir)
+        self.model_name = model_name or model_dir
+        self.delay_s = delay_s
+
+    async def generate(self, requests, params: SamplingParams) -> list[VLResult]:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        out = []
+        for r in requests:
+            size = "none" if r.image is None else "x".join(map(str, r.image.original_size))
+            out.append(VLResult(r.request_id, f"{r.question} | {size}", num_input_tokens=1, num_output_tokens=1, finish_reason="stop"))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class CrashingEngine(EchoEngine):
+    """Like EchoEngine, but a request whose image is POISON_WIDTH pixels wide kills the process."""
+
+    async def generate(self, requests: list[VLRequest], params: SamplingParams) -> list[VLResult]:
+        if any(r.image is not None and r.image.original_size[0] == POISON_WIDTH for r in requests):
+            os._exit(17)
+        return await super().generate(requests, params)
