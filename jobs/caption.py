@@ -176,6 +176,9 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=cfg.seed, ignore_eos=cfg.ignore_eos)
     engine_options = ({"max_batch_size": cfg.batch_size} if engine == "transformers" else {}) | cfg.engine_options()
+    tp = cfg.tensor_parallel() if has_gpus else 1
+    if tp > 1:
+        engine_options["tp"] = tp
     ds = ds.map_batches(
         GenerateStage,
         batch_size=cfg.batch_size,
@@ -187,8 +190,7 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
             model_dir=plan.model_dir, model_name=plan.model_name, engine_options=engine_options,
             params=params, prompts=list(cfg.prompt), max_tiles=cfg.max_tiles,
         ),
-        num_gpus=cfg.gpus_per_replica if has_gpus else 0,
-        num_cpus=1,
+        **_engine_resources(cfg.gpus_per_replica if has_gpus else 0, tp),
         # A dead engine actor is restarted (Ray Data's default) and its batch retried, but only this often:
         # a batch that kills every engine it meets must not loop forever. Its rows become error rows.
         max_task_retries=cfg.engine_retries,
@@ -222,6 +224,29 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
             for j, prompt in enumerate(plan.config.prompt) if (r["id"], j) not in seen
         ]
         writer.add(pa.Table.from_pylist(lost, schema=STAGE_OUTPUT_SCHEMA))
+
+
+def _engine_resources(gpus: float, tp: int) -> dict:
+    """Ray resources of one engine actor.
+
+    With tensor parallelism lmdeploy starts its own GPU workers with Ray and places them in the placement
+    group of the actor that builds the engine (notes/lmdeploy.md 4.2). So the actor itself holds no GPU
+    and runs inside a fresh group of `tp` GPU bundles that captures its child tasks; an actor holding the
+    GPUs itself would make lmdeploy wait for `tp` more.
+    """
+    if tp <= 1:
+        return {"num_gpus": gpus, "num_cpus": 1}
+    return {"num_gpus": 0, "num_cpus": 1, "ray_remote_args_fn": lambda: _tp_placement(tp)}
+
+
+def _tp_placement(tp: int) -> dict:
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
+    ray.get(group.ready())
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
 
 
 def _spread() -> dict:

@@ -43,7 +43,7 @@ class CaptionJobConfig:
     batch_size: int = _f(16, "images per engine call")
     replicas: str = _f("1", "engine actors: N, or MIN:MAX to autoscale (GPU actors where GPUs exist, CPU actors otherwise)")
     batches_in_flight: int = _f(8, "batches each engine actor works on at once: keeps an async engine's queue full")
-    gpus_per_replica: float = _f(1.0, "GPUs per engine actor where the cluster has GPUs (fractions share a GPU)")
+    gpus_per_replica: float = _f(1.0, "GPUs per engine actor where the cluster has GPUs: a fraction shares a GPU between engines; an integer K >= 2 runs lmdeploy with tensor parallelism K")
     max_pixels: int = _f(64_000_000, "refuse images that declare more pixels than this (decompression bombs)")
     # -- failures ---------------------------------------------------------------------------
     max_error_rate: float = _f(1.0, "exit 1 when more than this fraction of rows failed")
@@ -68,6 +68,8 @@ class CaptionJobConfig:
             (self.engine_retries >= 0, f"--engine-retries must be >= 0, got {self.engine_retries}"),
             (self.batches_in_flight >= 1, f"--batches-in-flight must be >= 1, got {self.batches_in_flight}"),
             (self.gpus_per_replica > 0, f"--gpus-per-replica must be > 0, got {self.gpus_per_replica}"),
+            (self.gpus_per_replica <= 1 or float(self.gpus_per_replica).is_integer(),
+             f"--gpus-per-replica above 1 must be a whole number of GPUs (tensor parallelism), got {self.gpus_per_replica}"),
             (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
             (all(p and p.strip() for p in self.prompt), "--prompt must not be empty"),
             (self.shard_size >= 1, f"--shard-size must be >= 1, got {self.shard_size}"),
@@ -77,6 +79,10 @@ class CaptionJobConfig:
             if not ok:
                 raise ValueError(message)
         self.engine_options()  # validates --engine-args
+
+    def tensor_parallel(self) -> int:
+        """lmdeploy `tp`: the GPUs one engine spans (1 for fractional or single GPUs)."""
+        return int(self.gpus_per_replica) if self.gpus_per_replica > 1 else 1
 
     def replica_range(self) -> tuple[int, int]:
         """(min, max) engine actors."""

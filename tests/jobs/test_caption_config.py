@@ -35,3 +35,36 @@ def test_input_and_output_are_required(capsys):
 def test_engine_choices_are_enforced():
     with pytest.raises(SystemExit):
         CaptionJobConfig.from_args(["--input", "i", "--output", "o", "--engine", "vllm"])
+
+
+@pytest.mark.parametrize("value, expected", [("1", (1, 1)), ("4", (4, 4)), ("2:8", (2, 8))])
+def test_replicas_fixed_or_autoscaling(value, expected):
+    assert CaptionJobConfig(input="i", output="o", replicas=value).replica_range() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "3:2", "a", "1:"])
+def test_bad_replicas_are_refused(value):
+    with pytest.raises(ValueError, match="--replicas"):
+        CaptionJobConfig(input="i", output="o", replicas=value)
+
+
+@pytest.mark.parametrize("gpus, tp", [(0.25, 1), (1.0, 1), (2.0, 2), (4, 4)])
+def test_whole_gpus_above_one_mean_tensor_parallelism(gpus, tp):
+    assert CaptionJobConfig(input="i", output="o", gpus_per_replica=gpus).tensor_parallel() == tp
+
+
+def test_fractional_gpus_above_one_are_refused():
+    with pytest.raises(ValueError, match="whole number"):
+        CaptionJobConfig(input="i", output="o", gpus_per_replica=1.5)
+
+
+def test_engine_args_must_be_a_json_object():
+    assert CaptionJobConfig(input="i", output="o", engine_args='{"tp": 2}').engine_options() == {"tp": 2}
+    for bad in ("[1]", "{nope"):
+        with pytest.raises(ValueError, match="--engine-args"):
+            CaptionJobConfig(input="i", output="o", engine_args=bad)
+
+
+def test_repeated_prompt_flags_ask_several_prompts():
+    cfg = CaptionJobConfig.from_args(["--input", "i", "--output", "o", "--prompt", "a?", "--prompt", "b?"])
+    assert cfg.prompt == ["a?", "b?"]
