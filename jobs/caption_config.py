@@ -86,8 +86,8 @@ class CaptionJobConfig:
 
     def replica_range(self) -> tuple[int, int]:
         """(min, max) engine actors."""
-        lo, _, hi = str(self.replicas).partition(":")
-        return int(lo), int(hi or lo)
+        lo, sep, hi = str(self.replicas).partition(":")
+        return int(lo), int(hi if sep else lo)
 
     def _replicas_ok(self) -> bool:
         try:

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny checkpoint per format, one local Ray instance, image writers."""
 from __future__ import annotations
+pytest_plugins = ["s3_fixture"]  # the `local_s3` fixture (tests/s3_fixture.py)
 
 import io
 import os
