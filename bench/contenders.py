@@ -116,7 +116,7 @@ def run_raylens(args: dict) -> dict:
         engine_args=json.dumps(args.get("engine_options", {})) if args.get("engine_options") else None,
     )
     plan = setup(cfg)
-    plan.files = plan.files[: args["n_images"]]
+    plan.items = plan.items[: args["n_images"]]
     rows, _ = pending_rows(plan)
     ds, _ = build_dataset(plan, rows)
     marks: list[tuple[float, int, int]] = []

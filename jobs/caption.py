@@ -36,8 +36,9 @@ from jobs.caption_output import (
     read_manifest,
     write_manifest,
 )
-from raylens.images import IMAGE_EXTENSIONS, TilingSpec
-from raylens.storage import S3Settings, ensure_writable_dir, list_files, relative_id, resolve_filesystem, to_uri
+from raylens.images import TilingSpec
+from raylens.sources import InputItem, iter_inputs
+from raylens.storage import S3Settings, ensure_writable_dir, resolve_filesystem
 
 logger = logging.getLogger("raylens.caption")
 
@@ -46,6 +47,9 @@ DEMO_NOTICE = (
     "Using the raylens demo model (a tiny InternVL2 trained on synthetic shapes). "
     "For real captions pass --model OpenGVLab/InternVL2-2B (GPU recommended: pip install 'raylens[gpu]')."
 )
+# Our output columns; an input column of the same name is carried as "input.<name>".
+_RESERVED = {"id", "prompt_index", "image", "prompt", "text", "error", "stage", "model", "num_tiles",
+             "num_input_tokens", "num_output_tokens", "finish_reason", "shard", "source", "question"}
 
 
 class UsageError(Exception):
@@ -54,14 +58,16 @@ class UsageError(Exception):
 
 @dataclass
 class JobPlan:
-    """Everything `setup()` resolved: filesystems, files, model directory and tiling."""
+    """Everything `setup()` resolved: filesystems, input items, model directory, tiling, output layout."""
 
     config: CaptionJobConfig
+    s3: S3Settings
     in_fs: pafs.FileSystem
     in_root: str
     out_fs: pafs.FileSystem
     out_root: str
-    files: list[str]
+    items: list[InputItem]
+    extra_fields: list  # pyarrow fields of the input's own columns, carried to the output
     model_dir: str
     model_name: str
     tiling: TilingSpec
@@ -70,6 +76,9 @@ class JobPlan:
 
     def shard_of(self, index: int) -> int:
         return index // self.manifest.shard_size
+
+    def prompts_per_item(self) -> int:
+        return 1 if self.config.question_column else len(self.config.prompt)
 
 
 def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPlan:
@@ -82,20 +91,17 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
     in_fs, in_root = resolve_filesystem(config.input, s3)
     out_fs, out_root = resolve_filesystem(config.output, s3)
     try:
-        info = in_fs.get_file_info(in_root)
-    except OSError as exc:
+        items = list(iter_inputs(in_fs, in_root, image_column=config.image_column,
+                                 question_column=config.question_column))
+    except FileNotFoundError:
+        raise UsageError(f"--input {config.input} does not exist") from None
+    except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read --input {config.input}: {exc}") from None
-    if info.type != pafs.FileType.Directory:
-        raise UsageError(f"--input {config.input} is not a readable directory")
-    try:
-        files = list_files(in_fs, in_root, IMAGE_EXTENSIONS)
-    except OSError as exc:
-        raise UsageError(f"cannot list --input {config.input}: {exc}") from None
-    if not files:
-        raise UsageError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under --input {config.input}")
-    ids = [relative_id(in_root, p) for p in files]
-    manifest = Manifest(num_inputs=len(files), shard_size=config.shard_size, inputs_sha256=fingerprint(ids),
-                        prompts=tuple(config.prompt), format=config.format)
+    if not items:
+        raise UsageError(f"no image files or manifest rows under --input {config.input}")
+    prompts = (f"question column {config.question_column}",) if config.question_column else tuple(config.prompt)
+    manifest = Manifest(num_inputs=len(items), shard_size=config.shard_size, inputs_sha256=fingerprint(i.id for i in items),
+                        prompts=prompts, format=config.format)
     try:
         _prepare_output(config, out_fs, out_root, manifest)
     except OSError as exc:
@@ -110,10 +116,32 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
         use_thumbnail=spec.use_thumbnail,
     )
     return JobPlan(
-        config=config, in_fs=in_fs, in_root=in_root, out_fs=out_fs, out_root=out_root, files=files,
-        model_dir=model_dir, model_name=config.model or "raylens-demo", tiling=tiling,
-        uses_demo_model=config.model is None, manifest=manifest,
+        config=config, s3=s3, in_fs=in_fs, in_root=in_root, out_fs=out_fs, out_root=out_root, items=items,
+        extra_fields=_extra_fields(items), model_dir=model_dir, model_name=config.model or "raylens-demo",
+        tiling=tiling, uses_demo_model=config.model is None, manifest=manifest,
     )
+
+
+def _extra_name(name: str) -> str:
+    return f"input.{name}" if name in _RESERVED else name
+
+
+def _extra_fields(items: list[InputItem]):
+    """One Arrow type per carried input column, inferred from every row (mixed types become strings)."""
+    import pyarrow as pa
+
+    values: dict[str, list] = {}
+    for item in items:
+        for name, value in item.extra:
+            values.setdefault(name, []).append(value)
+    fields = []
+    for name, column in values.items():
+        try:
+            kind = pa.array(column).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            kind = pa.string()
+        fields.append(pa.field(_extra_name(name), pa.string() if pa.types.is_null(kind) else kind))
+    return fields
 
 
 def _prepare_output(config: CaptionJobConfig, fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
@@ -136,13 +164,20 @@ def _prepare_output(config: CaptionJobConfig, fs: pafs.FileSystem, root: str, ma
 def pending_rows(plan: JobPlan) -> tuple[list[dict], dict[int, int]]:
     """Listing rows of the shards not yet written, and how many output rows each shard must get."""
     done = completed_shards(plan.out_fs, plan.out_root)
+    names = [f.name for f in plan.extra_fields]
+    string_columns = {f.name for f in plan.extra_fields if str(f.type) == "string"}
     rows, expected = [], {}
-    for index, path in enumerate(plan.files):
+    for index, item in enumerate(plan.items):
         shard = plan.shard_of(index)
         if shard in done:
             continue
-        rows.append({"id": relative_id(plan.in_root, path), "image": to_uri(plan.in_fs, path), "path": path, "shard": shard})
-        expected[shard] = expected.get(shard, 0) + len(plan.config.prompt)
+        extra = dict.fromkeys(names)
+        for name, value in item.extra:
+            key = _extra_name(name)
+            extra[key] = str(value) if key in string_columns and value is not None else value
+        rows.append({"id": item.id, "image": item.source, "source": item.source, "shard": shard,
+                     "question": item.question, **extra})
+        expected[shard] = expected.get(shard, 0) + plan.prompts_per_item()
     return rows, expected
 
 
@@ -151,19 +186,27 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from jobs.caption_stages import GenerateStage, prepare_batch
+    import pyarrow as pa
+
+    from jobs.caption_stages import LISTING_SCHEMA, GenerateStage, prepare_batch
     from raylens.engines.base import SamplingParams
+    from raylens.fetch import UrlFetcher
+    from raylens.sources import SourceFilesystems
 
     cfg = plan.config
     lo, hi = cfg.replica_range()
+    listing = pa.Table.from_pylist(rows, schema=pa.schema(list(LISTING_SCHEMA) + list(plan.extra_fields)))
     # One block per engine batch: a block is the unit Ray retries, so when an engine actor dies only the
     # batches it was working on are retried (and, past --engine-retries, recorded as errors).
-    num_blocks = max(1, min(-(-len(rows) // cfg.batch_size), 20_000))
-    ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
+    size = max(cfg.batch_size, -(-len(rows) // 20_000))
+    ds = ray.data.from_arrow([listing.slice(i, size) for i in range(0, len(rows), size)])
+    fetcher = UrlFetcher(allowed_domains=cfg.allowed_domain_set())
     ds = ds.map_batches(
         prepare_batch,
-        batch_size=cfg.batch_size,  # keeps blocks batch-sized all the way to the engine (see num_blocks)
-        fn_kwargs=dict(filesystem=plan.in_fs, tiling=plan.tiling, max_pixels=cfg.max_pixels),
+        batch_size=cfg.batch_size,  # keeps blocks batch-sized all the way to the engine
+        batch_format="pyarrow",
+        fn_kwargs=dict(filesystems=SourceFilesystems.create(plan.s3), fetcher=fetcher, tiling=plan.tiling,
+                       max_pixels=cfg.max_pixels),
         num_cpus=1,
         # Spread decoding over the cluster's CPUs. Passing the args through a function also keeps Ray
         # Data from fusing this stage into the engine actors: fused, the GPU actor would decode images.
@@ -182,13 +225,15 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
     ds = ds.map_batches(
         GenerateStage,
         batch_size=cfg.batch_size,
+        batch_format="pyarrow",
         # Several calls per actor at once: without it an actor takes one batch at a time and lmdeploy's
         # continuous batching never sees more than --batch-size requests (measured: GPU 19% busy).
         compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=cfg.batches_in_flight),
         fn_constructor_kwargs=dict(
             engine=engine,
             model_dir=plan.model_dir, model_name=plan.model_name, engine_options=engine_options,
-            params=params, prompts=list(cfg.prompt), max_tiles=cfg.max_tiles,
+            params=params, prompts=list(cfg.prompt), use_question_column=bool(cfg.question_column),
+            max_tiles=cfg.max_tiles, extra_fields=plan.extra_fields,
         ),
         **_engine_resources(cfg.gpus_per_replica if has_gpus else 0, tp),
         # A dead engine actor is restarted (Ray Data's default) and its batch retried, but only this often:
@@ -205,7 +250,7 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
     """Rows of batches that failed for good (engine actor died past its retries): written as errors."""
     import pyarrow as pa
 
-    from jobs.caption_stages import STAGE_OUTPUT_SCHEMA
+    from jobs.caption_stages import output_schema
 
     incomplete = writer.incomplete()
     if not incomplete:
@@ -213,17 +258,23 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
     logger.warning("%d shards have rows whose batch failed; recording them as errors", len(incomplete))
     message = (f"BatchFailed: the batch holding this row failed {plan.config.engine_retries + 1} times "
                "(engine actor died or a stage raised); see the Ray logs")
+    extra_names = [f.name for f in plan.extra_fields]
+    schema = output_schema(plan.extra_fields).append(pa.field("shard", pa.int64()))
     for shard in sorted(incomplete):
         have = writer.rows_of(shard)
         seen = set() if have is None else set(zip(have.column("id").to_pylist(), have.column("prompt_index").to_pylist()))
-        lost = [
-            {"id": r["id"], "prompt_index": j, "image": r["image"], "prompt": prompt, "text": None, "error": message,
-             "stage": "engine", "model": plan.model_name, "num_tiles": 0, "num_input_tokens": 0,
-             "num_output_tokens": 0, "finish_reason": None, "shard": shard}
-            for r in rows if r["shard"] == shard
-            for j, prompt in enumerate(plan.config.prompt) if (r["id"], j) not in seen
-        ]
-        writer.add(pa.Table.from_pylist(lost, schema=STAGE_OUTPUT_SCHEMA))
+        lost = []
+        for r in rows:
+            if r["shard"] != shard:
+                continue
+            prompts = [r["question"]] if plan.config.question_column else plan.config.prompt
+            lost.extend(
+                {"id": r["id"], "prompt_index": j, "image": r["image"], "prompt": prompt, "text": None, "error": message,
+                 "stage": "engine", "model": plan.model_name, "num_tiles": 0, "num_input_tokens": 0,
+                 "num_output_tokens": 0, "finish_reason": None, "shard": shard, **{n: r[n] for n in extra_names}}
+                for j, prompt in enumerate(prompts) if (r["id"], j) not in seen
+            )
+        writer.add(pa.Table.from_pylist(lost, schema=schema))
 
 
 def _engine_resources(gpus: float, tp: int) -> dict:
@@ -272,7 +323,7 @@ def summarize(plan: JobPlan, wall_s: float, engine: str, processed_images: int) 
                 by_kind[kind] = by_kind.get(kind, 0) + 1
     return {
         "rows": rows,
-        "inputs": len(plan.files),
+        "inputs": len(plan.items),
         "prompts": len(plan.config.prompt),
         "succeeded": rows - failed,
         "failed": failed,
@@ -292,7 +343,7 @@ def main(plan: JobPlan) -> dict:
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    from jobs.caption_stages import OUTPUT_SCHEMA
+    from jobs.caption_stages import output_schema
 
     start = time.perf_counter()
     rows, expected = pending_rows(plan)
@@ -300,7 +351,7 @@ def main(plan: JobPlan) -> dict:
     if rows:
         print(f"{len(expected)} of {plan.manifest.num_shards} shards to do ({len(rows)} images)", flush=True)
         ds, engine = build_dataset(plan, rows)
-        writer = ShardWriter(plan.out_fs, plan.out_root, plan.config.format, expected, OUTPUT_SCHEMA)
+        writer = ShardWriter(plan.out_fs, plan.out_root, plan.config.format, expected, output_schema(plan.extra_fields))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)
         record_lost_rows(plan, writer, rows)
@@ -321,7 +372,7 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     if plan.uses_demo_model:
         print(DEMO_NOTICE, flush=True)
-    print(f"captioning {len(plan.files)} images from {config.input} -> {config.output}", flush=True)
+    print(f"captioning {len(plan.items)} images from {config.input} -> {config.output}", flush=True)
     summary = main(plan)
     brief = {k: summary[k] for k in ("rows", "succeeded", "failed", "wall_s", "images_per_s", "model", "engine")}
     print("summary: " + json.dumps(brief), flush=True)

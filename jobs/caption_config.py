@@ -26,6 +26,9 @@ class CaptionJobConfig:
     output: str = _f(None, "output directory or s3://bucket/prefix/ for Parquet files and _summary.json", required=True)
     overwrite: bool = _f(False, "delete earlier results under --output first (default: resume, skipping finished shards)")
     format: str = _f("parquet", "output file format", choices=("parquet", "jsonl"))
+    image_column: str = _f("image", "manifest column holding each row's image (local path, s3:// URI or http(s) URL)")
+    question_column: str | None = _f(None, "manifest column holding each row's own question (VQA); replaces --prompt")
+    allowed_domains: str | None = _f(None, "comma-separated hosts that http(s) image URLs may come from (default: any public host)")
     shard_size: int = _f(256, "images per output file; the unit of resume")
     # -- what to ask ------------------------------------------------------------------------
     prompt: list[str] = _f(None, "the instruction asked of every image; repeat the flag to ask several (one row each)", action="append")
@@ -52,6 +55,8 @@ class CaptionJobConfig:
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL; default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL")
 
     def __post_init__(self) -> None:
+        if self.question_column and self.prompt:
+            raise ValueError("--prompt and --question-column exclude each other: each row asks its own question")
         if self.prompt is None:
             self.prompt = [DEFAULT_CAPTION_PROMPT]
         elif isinstance(self.prompt, str):
@@ -79,6 +84,11 @@ class CaptionJobConfig:
             if not ok:
                 raise ValueError(message)
         self.engine_options()  # validates --engine-args
+
+    def allowed_domain_set(self) -> frozenset[str] | None:
+        if not self.allowed_domains:
+            return None
+        return frozenset(d.strip() for d in self.allowed_domains.split(",") if d.strip())
 
     def tensor_parallel(self) -> int:
         """lmdeploy `tp`: the GPUs one engine spans (1 for fractional or single GPUs)."""

@@ -1,61 +1,72 @@
-"""The stages of the caption job, each one `map_batches` call, and the columns they exchange.
+"""The stages of the caption job, each one `map_batches` call over Arrow batches, and their columns.
 
-Column flow for one image `cats/a.jpg` under `--input /data`:
+Column flow for one image `cats/a.jpg` under `--input /data` (a manifest adds its other columns, here
+`label`, which every stage carries along untouched):
 
-    listing         {id: "cats/a.jpg", image: "/data/cats/a.jpg", path: "/data/cats/a.jpg", shard: 0}
-    prepare (CPU)   + pixels: raw uint8 bytes of the (downscaled) RGB image, height, width,
-                      grid_cols, grid_rows, num_tiles, error (None, or "ImageError(kind): ..."), stage
+    listing         id: "cats/a.jpg", image: "/data/cats/a.jpg", source: "/data/cats/a.jpg", shard: 0,
+                    question: null, label: "cat"
+    prepare (CPU)   + pixels (raw uint8 RGB of the downscaled image), height, width, grid_cols, grid_rows,
+                      num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."), stage
     generate (GPU)  -> one row per (image, prompt): id, prompt_index, image, prompt, text, error, stage,
-                       model, num_tiles, num_input_tokens, num_output_tokens, finish_reason, shard
-                       (pixels dropped; the image is decoded and tiled once for all prompts)
+                       model, num_tiles, num_input_tokens, num_output_tokens, finish_reason, label, shard
+                       (pixels dropped; the image is decoded and tiled once for all its prompts)
 
-A row whose `error` is set by an earlier stage passes through later stages untouched, so every input
-file leaves exactly one output row. Only the engine stage holds heavy state (the model).
+With `--question-column` each row asks its own question instead of the `--prompt` list. A row whose
+`error` is set by an earlier stage passes through later stages untouched, so every input leaves exactly
+one output row per prompt. Only the engine stage holds heavy state (the model).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+
 import numpy as np
 import pyarrow as pa
 
 from raylens.engines.base import SamplingParams, VLRequest, format_error
+from raylens.fetch import UrlFetcher
 from raylens.images import ImageError, PreparedImage, TilingSpec, decode_image, prepare_image
-from raylens.storage import read_bytes
+from raylens.sources import SourceError, SourceFilesystems, read_source
 
 logger = logging.getLogger(__name__)
 
 # Explicit schemas: a block whose rows all succeeded must still write `error` as a string column, or
-# Parquet files of one output would disagree on types.
-PREPARED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image", pa.string()), ("shard", pa.int64()), ("pixels", pa.binary()), ("height", pa.int32()),
-    ("width", pa.int32()), ("grid_cols", pa.int32()), ("grid_rows", pa.int32()), ("num_tiles", pa.int32()),
-    ("error", pa.string()), ("stage", pa.string()),
+# the files of one output would disagree on types.
+LISTING_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image", pa.string()), ("source", pa.string()), ("shard", pa.int64()), ("question", pa.string()),
 ])
+PREPARED_FIELDS = [
+    ("pixels", pa.binary()), ("height", pa.int32()), ("width", pa.int32()), ("grid_cols", pa.int32()),
+    ("grid_rows", pa.int32()), ("num_tiles", pa.int32()), ("error", pa.string()), ("stage", pa.string()),
+]
 OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("prompt_index", pa.int32()), ("image", pa.string()), ("prompt", pa.string()), ("text", pa.string()),
-    ("error", pa.string()), ("stage", pa.string()), ("model", pa.string()), ("num_tiles", pa.int32()),
-    ("num_input_tokens", pa.int32()), ("num_output_tokens", pa.int32()), ("finish_reason", pa.string()),
+    ("id", pa.string()), ("prompt_index", pa.int32()), ("image", pa.string()), ("prompt", pa.string()),
+    ("text", pa.string()), ("error", pa.string()), ("stage", pa.string()), ("model", pa.string()),
+    ("num_tiles", pa.int32()), ("num_input_tokens", pa.int32()), ("num_output_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
 ])
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
-STAGE_OUTPUT_SCHEMA = OUTPUT_SCHEMA.append(pa.field("shard", pa.int64()))
+
+
+def output_schema(extra_fields: list[pa.Field]) -> pa.Schema:
+    """What the job writes: our columns, then the input's own columns carried through."""
+    return pa.schema(list(OUTPUT_SCHEMA) + list(extra_fields))
 
 
 def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, ImageError):
-        return f"ImageError({exc.kind}): {exc}"
+    if isinstance(exc, (ImageError, SourceError)):
+        return f"{type(exc).__name__}({exc.kind}): {exc}"
     return format_error(exc)
 
 
-def prepare_batch(batch: dict[str, np.ndarray], *, filesystem, tiling: TilingSpec, max_pixels: int) -> pa.Table:
+def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: UrlFetcher, tiling: TilingSpec,
+                  max_pixels: int) -> pa.Table:
     """Read, decode, validate and downscale each image (CPU task). Failures become that row's error."""
-    n = len(batch["id"])
-    out: dict[str, list] = {k: [] for k in ("pixels", "height", "width", "grid_cols", "grid_rows", "num_tiles", "error", "stage")}
-    for i in range(n):
-        path = str(batch["path"][i])
+    out: dict[str, list] = {name: [] for name, _ in PREPARED_FIELDS}
+    for source in batch.column("source").to_pylist():
         stage = "read"
         try:
-            data = read_bytes(filesystem, path)
+            data = read_source(source, filesystems=filesystems, fetcher=fetcher)
             stage = "decode"
             prepared = prepare_image(decode_image(data, max_pixels=max_pixels), tiling)
         except Exception as exc:  # noqa: BLE001 - every failure is data about this row
@@ -73,20 +84,16 @@ def prepare_batch(batch: dict[str, np.ndarray], *, filesystem, tiling: TilingSpe
         out["num_tiles"].append(prepared.num_tiles)
         out["error"].append(None)
         out["stage"].append(None)
-    columns = {"id": [str(x) for x in batch["id"]], "image": [str(x) for x in batch["image"]],
-               "shard": [int(x) for x in batch["shard"]], **out}
-    return pa.table(columns, schema=PREPARED_SCHEMA)
+    for name, kind in PREPARED_FIELDS:
+        batch = batch.append_column(pa.field(name, kind), pa.array(out[name], type=kind))
+    return batch
 
 
-def _prepared_from_row(batch: dict[str, np.ndarray], i: int) -> PreparedImage:
-    h, w = int(batch["height"][i]), int(batch["width"][i])
-    pixels = np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3)
-    return PreparedImage(
-        pixels=pixels,
-        grid=(int(batch["grid_cols"][i]), int(batch["grid_rows"][i])),
-        num_tiles=int(batch["num_tiles"][i]),
-        original_size=(w, h),
-    )
+def _prepared_from_row(row: dict) -> PreparedImage:
+    h, w = int(row["height"]), int(row["width"])
+    pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(h, w, 3)
+    return PreparedImage(pixels=pixels, grid=(int(row["grid_cols"]), int(row["grid_rows"])),
+                         num_tiles=int(row["num_tiles"]), original_size=(w, h))
 
 
 class GenerateStage:
@@ -94,49 +101,57 @@ class GenerateStage:
 
     `__call__` is a coroutine, so Ray Data keeps several batches in flight per actor and an async engine
     (lmdeploy) sees all of them at once. An engine that raises fails the batch's rows with the error
-    (stage "engine") instead of killing the job.
+    (stage "engine") instead of killing the job; an engine that dies takes the actor with it, and Ray
+    retries the batch on a fresh actor.
     """
 
-    def __init__(self, *, engine: str, model_dir: str, model_name: str, engine_options: dict,
-                 params: SamplingParams, prompts: list[str], max_tiles: int | None) -> None:
+    def __init__(self, *, engine: str, model_dir: str, model_name: str, engine_options: dict, params: SamplingParams,
+                 prompts: list[str], use_question_column: bool, max_tiles: int | None, extra_fields: list[pa.Field]) -> None:
         from raylens.engines import create_engine
 
         self.engine = create_engine(engine, model_dir, model_name=model_name, **engine_options)
         self.model_name = model_name
         self.params = params
         self.prompts = list(prompts)
+        self.use_question_column = use_question_column
         self.max_tiles = max_tiles
+        self.extra_names = [f.name for f in extra_fields]
+        self.schema = output_schema(extra_fields).append(pa.field("shard", pa.int64()))
 
-    async def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n, k = len(batch["id"]), len(self.prompts)
+    def _prompts_of(self, row: dict) -> list[str | None]:
+        return [row["question"]] if self.use_question_column else self.prompts
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict] = []
-        for i in range(n):
-            for j, prompt in enumerate(self.prompts):
-                rows.append({
-                    "id": str(batch["id"][i]), "prompt_index": j, "image": str(batch["image"][i]), "prompt": prompt,
-                    "text": None, "error": batch["error"][i], "stage": batch["stage"][i], "model": self.model_name,
-                    "num_tiles": int(batch["num_tiles"][i]), "num_input_tokens": 0, "num_output_tokens": 0,
-                    "finish_reason": None, "shard": int(batch["shard"][i]),
-                })
-        todo = [i * k + j for i in range(n) if batch["error"][i] is None for j in range(k)]
-        prepared = {i: _prepared_from_row(batch, i) for i in range(n) if batch["error"][i] is None}
-        requests = [
-            VLRequest(request_id=f"{rows[r]['id']}#{rows[r]['prompt_index']}", question=rows[r]["prompt"],
-                      image=prepared[r // k], max_tiles=self.max_tiles)
-            for r in todo
-        ]
+        requests: list[VLRequest] = []
+        slots: list[int] = []
+        for row in batch.to_pylist():
+            prepared = _prepared_from_row(row) if row["error"] is None else None
+            for j, prompt in enumerate(self._prompts_of(row)):
+                out = {
+                    "id": row["id"], "prompt_index": j, "image": row["image"], "prompt": prompt, "text": None,
+                    "error": row["error"], "stage": row["stage"], "model": self.model_name, "num_tiles": row["num_tiles"],
+                    "num_input_tokens": 0, "num_output_tokens": 0, "finish_reason": None, "shard": row["shard"],
+                    **{name: row[name] for name in self.extra_names},
+                }
+                if out["error"] is None and not prompt:
+                    out.update(error="MissingQuestion: this row has no question in the --question-column column", stage="read")
+                if out["error"] is None:
+                    slots.append(len(rows))
+                    requests.append(VLRequest(f"{row['id']}#{j}", prompt, prepared, max_tiles=self.max_tiles))
+                rows.append(out)
         try:
             results = await self.engine.generate(requests, self.params) if requests else []
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001
             logger.exception("engine failed on a batch of %d requests", len(requests))
-            for r in todo:
-                rows[r].update(error=format_error(exc), stage="engine")
+            for slot in slots:
+                rows[slot].update(error=format_error(exc), stage="engine")
             results = []
-        for r, res in zip(todo, results):
-            rows[r].update(text=res.text, finish_reason=res.finish_reason,
-                           num_input_tokens=res.num_input_tokens, num_output_tokens=res.num_output_tokens)
+        for slot, res in zip(slots, results):
+            rows[slot].update(text=res.text, finish_reason=res.finish_reason,
+                              num_input_tokens=res.num_input_tokens, num_output_tokens=res.num_output_tokens)
             if res.error:
-                rows[r].update(error=res.error, stage="engine")
-        return pa.Table.from_pylist(rows, schema=STAGE_OUTPUT_SCHEMA)
+                rows[slot].update(error=res.error, stage="engine")
+        return pa.Table.from_pylist(rows, schema=self.schema)

@@ -248,7 +248,10 @@ def _normalize_domains(domains: Iterable[str]) -> frozenset[str]:
         if not isinstance(d, str) or not d.strip():
             raise ValueError(f"UrlFetcher.allowed_domains holds a non-host entry {d!r}")
         name = d.strip().lower().rstrip(".")
-        out.add(name if ":" in name else name.encode("idna").decode("ascii"))
+        try:
+            out.add(name if ":" in name else name.encode("idna").decode("ascii"))
+        except UnicodeError as exc:
+            raise ValueError(f"UrlFetcher.allowed_domains entry {d!r} is not a valid host name ({exc})") from None
     return frozenset(out)
 
 

@@ -170,3 +170,47 @@ def generate_dataset(n: int, seed: int, split: str = "train") -> list[tuple[Imag
 def held_out_dataset(n: int, seed: int = 0) -> list[tuple[Image.Image, str, ShapeAttributes]]:
     """Fresh evaluation images: the `"held_out"` split, which training never draws from."""
     return generate_dataset(n, seed, split="held_out")
+
+
+def example_samples(n: int = 8, seed: int = 0) -> list[tuple[Image.Image, str, ShapeAttributes]]:
+    """`n` held-out samples for `examples/images`: aspect ratios and shapes in turn, no caption twice."""
+    stream = iter_samples(seed, "held_out")
+    picked: list[tuple[Image.Image, str, ShapeAttributes]] = []
+    while len(picked) < n:
+        i = len(picked)
+        aw, ah = ASPECTS[i % len(ASPECTS)]
+        shape = SHAPES[(i + i // len(ASPECTS)) % len(SHAPES)]
+        image, caption, attrs = next(stream)
+        if (abs(attrs.width / attrs.height - aw / ah) < 0.02 and attrs.shape == shape
+                and caption not in {c for _, c, _ in picked}):
+            picked.append((image, caption, attrs))
+    return picked
+
+
+def example_file_name(attrs: ShapeAttributes, suffix: str = ".png") -> str:
+    """`red_circle_on_blue.png`: the caption, readable back from the name."""
+    return f"{attrs.color}_{attrs.shape}_on_{attrs.background}{suffix}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m raylens.demo.shapes",
+        description="Write example shapes images named by their caption (e.g. red_circle_on_blue.png).",
+    )
+    parser.add_argument("out_dir", help="directory to write the images into")
+    parser.add_argument("--n", type=int, default=8, help="number of images (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="held-out split seed (default: %(default)s)")
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for image, caption, attrs in example_samples(args.n, args.seed):
+        path = out / example_file_name(attrs)
+        image.save(path, optimize=True)
+        print(f"{path}  {attrs.width}x{attrs.height}  {caption}")
+
+
+if __name__ == "__main__":
+    main()
