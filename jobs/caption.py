@@ -47,9 +47,10 @@ DEMO_NOTICE = (
     "Using the raylens demo model (a tiny InternVL2 trained on synthetic shapes). "
     "For real captions pass --model OpenGVLab/InternVL2-2B (GPU recommended: pip install 'raylens[gpu]')."
 )
-# Our output columns; an input column of the same name is carried as "input.<name>".
+# Our output columns; an input column of the same name is carried as "input.<name>". (Columns that
+# only travel between stages are named "__<name>" and never reach the output.)
 _RESERVED = {"id", "prompt_index", "image", "prompt", "text", "error", "stage", "model", "num_tiles",
-             "num_input_tokens", "num_output_tokens", "finish_reason", "shard", "source", "question"}
+             "num_input_tokens", "num_output_tokens", "finish_reason"}
 
 
 class UsageError(Exception):
@@ -123,7 +124,7 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
 
 
 def _extra_name(name: str) -> str:
-    return f"input.{name}" if name in _RESERVED else name
+    return f"input.{name}" if name in _RESERVED or name.startswith("__") else name
 
 
 def _extra_fields(items: list[InputItem]):
@@ -175,8 +176,8 @@ def pending_rows(plan: JobPlan) -> tuple[list[dict], dict[int, int]]:
         for name, value in item.extra:
             key = _extra_name(name)
             extra[key] = str(value) if key in string_columns and value is not None else value
-        rows.append({"id": item.id, "image": item.source, "source": item.source, "shard": shard,
-                     "question": item.question, **extra})
+        rows.append({"id": item.id, "image": item.source, "__source": item.source, "__shard": shard,
+                     "__question": item.question, **extra})
         expected[shard] = expected.get(shard, 0) + plan.prompts_per_item()
     return rows, expected
 
@@ -231,7 +232,7 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
         compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=cfg.batches_in_flight),
         fn_constructor_kwargs=dict(
             engine=engine,
-            model_dir=plan.model_dir, model_name=plan.model_name, engine_options=engine_options,
+            model=cfg.model, s3=plan.s3, model_name=plan.model_name, engine_options=engine_options,
             params=params, prompts=list(cfg.prompt), use_question_column=bool(cfg.question_column),
             max_tiles=cfg.max_tiles, extra_fields=plan.extra_fields,
         ),
@@ -259,19 +260,19 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
     message = (f"BatchFailed: the batch holding this row failed {plan.config.engine_retries + 1} times "
                "(engine actor died or a stage raised); see the Ray logs")
     extra_names = [f.name for f in plan.extra_fields]
-    schema = output_schema(plan.extra_fields).append(pa.field("shard", pa.int64()))
+    schema = output_schema(plan.extra_fields).append(pa.field("__shard", pa.int64()))
     for shard in sorted(incomplete):
         have = writer.rows_of(shard)
         seen = set() if have is None else set(zip(have.column("id").to_pylist(), have.column("prompt_index").to_pylist()))
         lost = []
         for r in rows:
-            if r["shard"] != shard:
+            if r["__shard"] != shard:
                 continue
-            prompts = [r["question"]] if plan.config.question_column else plan.config.prompt
+            prompts = [r["__question"]] if plan.config.question_column else plan.config.prompt
             lost.extend(
                 {"id": r["id"], "prompt_index": j, "image": r["image"], "prompt": prompt, "text": None, "error": message,
                  "stage": "engine", "model": plan.model_name, "num_tiles": 0, "num_input_tokens": 0,
-                 "num_output_tokens": 0, "finish_reason": None, "shard": shard, **{n: r[n] for n in extra_names}}
+                 "num_output_tokens": 0, "finish_reason": None, "__shard": shard, **{n: r[n] for n in extra_names}}
                 for j, prompt in enumerate(prompts) if (r["id"], j) not in seen
             )
         writer.add(pa.Table.from_pylist(lost, schema=schema))

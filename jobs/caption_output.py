@@ -114,16 +114,16 @@ class ShardWriter:
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        shards = table.column("shard").to_pylist()
+        shards = table.column("__shard").to_pylist()
         for shard in sorted(set(shards)):
-            part = table.filter(pa.compute.equal(table.column("shard"), shard))
+            part = table.filter(pa.compute.equal(table.column("__shard"), shard))
             self._pending.setdefault(shard, []).append(part)
             self._counts[shard] = self._counts.get(shard, 0) + part.num_rows
             if self._counts[shard] >= self.expected[shard]:
                 self._flush(shard)
 
     def _flush(self, shard: int) -> None:
-        table = pa.concat_tables(self._pending.pop(shard)).drop_columns(["shard"]).sort_by([("id", "ascending")])
+        table = pa.concat_tables(self._pending.pop(shard)).drop_columns(["__shard"]).sort_by([("id", "ascending")])
         _write_atomically(self.fs, posixpath.join(self.root, shard_file(shard, self.fmt)), encode_table(table.cast(self.schema), self.fmt))
         self.written.append(shard)
 

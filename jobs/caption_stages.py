@@ -3,13 +3,16 @@
 Column flow for one image `cats/a.jpg` under `--input /data` (a manifest adds its other columns, here
 `label`, which every stage carries along untouched):
 
-    listing         id: "cats/a.jpg", image: "/data/cats/a.jpg", source: "/data/cats/a.jpg", shard: 0,
-                    question: null, label: "cat"
-    prepare (CPU)   + pixels (raw uint8 RGB of the downscaled image), height, width, grid_cols, grid_rows,
-                      num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."), stage
+    listing         id: "cats/a.jpg", image: "/data/cats/a.jpg", __source: "/data/cats/a.jpg", __shard: 0,
+                    __question: null, label: "cat"
+    prepare (CPU)   + __pixels (raw uint8 RGB of the downscaled image), __height, __width, __grid_cols,
+                      __grid_rows, num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."), stage
     generate (GPU)  -> one row per (image, prompt): id, prompt_index, image, prompt, text, error, stage,
-                       model, num_tiles, num_input_tokens, num_output_tokens, finish_reason, label, shard
+                       model, num_tiles, num_input_tokens, num_output_tokens, finish_reason, label, __shard
                        (pixels dropped; the image is decoded and tiled once for all its prompts)
+
+Columns named "__<name>" only travel between stages (the writer drops `__shard`), so an input column
+called `width` or `source` cannot collide with them.
 
 With `--question-column` each row asks its own question instead of the `--prompt` list. A row whose
 `error` is set by an earlier stage passes through later stages untouched, so every input leaves exactly
@@ -33,11 +36,12 @@ logger = logging.getLogger(__name__)
 # Explicit schemas: a block whose rows all succeeded must still write `error` as a string column, or
 # the files of one output would disagree on types.
 LISTING_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image", pa.string()), ("source", pa.string()), ("shard", pa.int64()), ("question", pa.string()),
+    ("id", pa.string()), ("image", pa.string()), ("__source", pa.string()), ("__shard", pa.int64()), ("__question", pa.string()),
 ])
 PREPARED_FIELDS = [
-    ("pixels", pa.binary()), ("height", pa.int32()), ("width", pa.int32()), ("grid_cols", pa.int32()),
-    ("grid_rows", pa.int32()), ("num_tiles", pa.int32()), ("error", pa.string()), ("stage", pa.string()),
+    ("__pixels", pa.binary()), ("__height", pa.int32()), ("__width", pa.int32()), ("__grid_cols", pa.int32()),
+    ("__grid_rows", pa.int32()), ("__orig_width", pa.int32()), ("__orig_height", pa.int32()),
+    ("num_tiles", pa.int32()), ("error", pa.string()), ("stage", pa.string()),
 ]
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt_index", pa.int32()), ("image", pa.string()), ("prompt", pa.string()),
@@ -63,24 +67,27 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
                   max_pixels: int) -> pa.Table:
     """Read, decode, validate and downscale each image (CPU task). Failures become that row's error."""
     out: dict[str, list] = {name: [] for name, _ in PREPARED_FIELDS}
-    for source in batch.column("source").to_pylist():
+    for source in batch.column("__source").to_pylist():
         stage = "read"
         try:
             data = read_source(source, filesystems=filesystems, fetcher=fetcher)
             stage = "decode"
             prepared = prepare_image(decode_image(data, max_pixels=max_pixels), tiling)
         except Exception as exc:  # noqa: BLE001 - every failure is data about this row
-            for k, v in (("pixels", b""), ("height", 0), ("width", 0), ("grid_cols", 0), ("grid_rows", 0), ("num_tiles", 0)):
+            for k, v in (("__pixels", b""), ("__height", 0), ("__width", 0), ("__grid_cols", 0), ("__grid_rows", 0),
+                         ("__orig_width", 0), ("__orig_height", 0), ("num_tiles", 0)):
                 out[k].append(v)
             out["error"].append(_error_text(exc))
             out["stage"].append(stage)
             continue
         pixels = np.ascontiguousarray(prepared.pixels, dtype=np.uint8)
-        out["pixels"].append(pixels.tobytes())
-        out["height"].append(pixels.shape[0])
-        out["width"].append(pixels.shape[1])
-        out["grid_cols"].append(prepared.grid[0])
-        out["grid_rows"].append(prepared.grid[1])
+        out["__pixels"].append(pixels.tobytes())
+        out["__height"].append(pixels.shape[0])
+        out["__width"].append(pixels.shape[1])
+        out["__grid_cols"].append(prepared.grid[0])
+        out["__grid_rows"].append(prepared.grid[1])
+        out["__orig_width"].append(prepared.original_size[0])
+        out["__orig_height"].append(prepared.original_size[1])
         out["num_tiles"].append(prepared.num_tiles)
         out["error"].append(None)
         out["stage"].append(None)
@@ -90,10 +97,10 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
 
 
 def _prepared_from_row(row: dict) -> PreparedImage:
-    h, w = int(row["height"]), int(row["width"])
-    pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(h, w, 3)
-    return PreparedImage(pixels=pixels, grid=(int(row["grid_cols"]), int(row["grid_rows"])),
-                         num_tiles=int(row["num_tiles"]), original_size=(w, h))
+    h, w = int(row["__height"]), int(row["__width"])
+    pixels = np.frombuffer(row["__pixels"], dtype=np.uint8).reshape(h, w, 3)
+    return PreparedImage(pixels=pixels, grid=(int(row["__grid_cols"]), int(row["__grid_rows"])),
+                         num_tiles=int(row["num_tiles"]), original_size=(int(row["__orig_width"]), int(row["__orig_height"])))
 
 
 class GenerateStage:
@@ -105,10 +112,14 @@ class GenerateStage:
     retries the batch on a fresh actor.
     """
 
-    def __init__(self, *, engine: str, model_dir: str, model_name: str, engine_options: dict, params: SamplingParams,
+    def __init__(self, *, engine: str, model: str | None, s3, model_name: str, engine_options: dict, params: SamplingParams,
                  prompts: list[str], use_question_column: bool, max_tiles: int | None, extra_fields: list[pa.Field]) -> None:
+        from raylens.checkpoints.resolve import resolve_model
         from raylens.engines import create_engine
 
+        # Resolved here, on the actor's node: an s3:// or hub model is fetched where the engine runs.
+        model_fs = s3.filesystem() if (model or "").startswith("s3://") else None
+        model_dir = str(resolve_model(model, filesystem=model_fs))
         self.engine = create_engine(engine, model_dir, model_name=model_name, **engine_options)
         self.model_name = model_name
         self.params = params
@@ -116,10 +127,10 @@ class GenerateStage:
         self.use_question_column = use_question_column
         self.max_tiles = max_tiles
         self.extra_names = [f.name for f in extra_fields]
-        self.schema = output_schema(extra_fields).append(pa.field("shard", pa.int64()))
+        self.schema = output_schema(extra_fields).append(pa.field("__shard", pa.int64()))
 
     def _prompts_of(self, row: dict) -> list[str | None]:
-        return [row["question"]] if self.use_question_column else self.prompts
+        return [row["__question"]] if self.use_question_column else self.prompts
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict] = []
@@ -131,7 +142,7 @@ class GenerateStage:
                 out = {
                     "id": row["id"], "prompt_index": j, "image": row["image"], "prompt": prompt, "text": None,
                     "error": row["error"], "stage": row["stage"], "model": self.model_name, "num_tiles": row["num_tiles"],
-                    "num_input_tokens": 0, "num_output_tokens": 0, "finish_reason": None, "shard": row["shard"],
+                    "num_input_tokens": 0, "num_output_tokens": 0, "finish_reason": None, "__shard": row["__shard"],
                     **{name: row[name] for name in self.extra_names},
                 }
                 if out["error"] is None and not prompt:
