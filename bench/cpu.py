@@ -77,11 +77,14 @@ def pipeline_overhead(n_images: int = 48) -> dict:
         asyncio.run(engine.generate(reqs, params))
     direct = time.perf_counter() - t0
 
-    ray.init(num_cpus=2, logging_level="ERROR")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, logging_level="ERROR")
     cfg = CaptionJobConfig(input=str(work / "images"), output=str(work / "out"), model=str(ckpt), engine="transformers",
                            max_tiles=1, max_new_tokens=16, ignore_eos=True, batch_size=16)
     summary = main(setup(cfg))
-    ray.shutdown()
+    if started:
+        ray.shutdown()
     return {"images": n_images, "direct_loop_s": round(direct, 2), "direct_images_per_s": round(n_images / direct, 1),
             "ray_job_wall_s": summary["wall_s"], "ray_job_images_per_s": summary["images_per_s"]}
 
