@@ -12,6 +12,7 @@ import pytest
 from conftest import bomb_png, image_bytes
 from jobs.caption import SUMMARY_FILE, main, run, setup
 from jobs.caption_config import CaptionJobConfig
+from raylens.demo.shapes import format_caption
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,8 +127,8 @@ def test_quick_start_command_captions_the_examples_with_the_demo_model(tmp_path)
     assert sorted(rows) == examples
     for name, r in rows.items():
         assert r["error"] is None
-        expected = Path(name).stem.replace("_", " ")  # files are named after their caption
-        assert r["text"].startswith("a " + expected.split(" on ")[0]), (name, r["text"])
+        color, shape, _, background = Path(name).stem.split("_")  # files are named after their caption
+        assert r["text"] == format_caption(color, shape, background), (name, r["text"])
 
 
 @pytest.mark.gpu
