@@ -1,18 +1,18 @@
 """Synthetic "coloured shape on a plain background" images with exact captions.
 
 This is the data set the shipped demo model (`raylens/demo/model`) is trained and checked on. Every
-image shows one filled shape of one palette colour on a background of a *different* palette colour, and
-its caption is exactly
+image shows one filled shape of a dark or saturated colour (`SHAPE_PALETTE`) on a plain light background
+(`BACKGROUND_PALETTE`), and its caption is exactly
 
     "a {color} {shape} on a {background} background."
 
-so a model's output can be scored by exact string match ("an" before a vowel: "an orange star on a
-white background.", "a red circle on an orange background."). The generator is pure: all randomness comes
-from the `random.Random` passed in (no global RNG), so a seed fixes every pixel.
+so a model's output can be scored by exact string match (`format_caption` writes "an" before a vowel,
+which none of today's colour names needs). The generator is pure: all randomness comes from the
+`random.Random` passed in (no global RNG), so a seed fixes every pixel.
 
 Splits: `generate_dataset(n, seed, split=...)` derives each split's random stream from (seed, split), so
-the `"held_out"` images for any seed come from a stream the `"train"` split never draws from. Training
-uses `split="train"`; accuracy checks use `split="held_out"` (with any seed).
+the `"held_out"` images for any seed come from a stream the training splits (`"train"`, `"warmup"`) never
+draw from. `jobs/train_demo.py` trains on those two; accuracy checks use `"held_out"` with any seed.
 
 This module knows nothing about tiles, prompts or models.
 """

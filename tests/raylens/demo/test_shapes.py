@@ -35,8 +35,10 @@ def test_generate_sample_uses_only_the_rng_it_is_given():
 
 def test_held_out_split_never_repeats_training_samples():
     train = {s[2] for s in shapes.generate_dataset(300, seed=0, split="train")}
+    warmup = {s[2] for s in shapes.generate_dataset(300, seed=0, split="warmup")}
     held_out = {s[2] for s in shapes.held_out_dataset(300, seed=0)}
-    assert not train & held_out
+    assert not (train | warmup) & held_out
+    assert not train & warmup
     with pytest.raises(ValueError, match="split"):
         shapes.split_rng(0, "test")
 
@@ -61,7 +63,7 @@ def test_captions_match_attributes_and_the_pixels():
             "an" if attrs.background[0] in "aeiou" else "a", attrs.background, "background.",
         ]
         assert attrs.color != attrs.background
-        assert attrs.color in shapes.PALETTE and attrs.background in shapes.PALETTE
+        assert attrs.color in shapes.SHAPE_COLORS and attrs.background in shapes.BACKGROUND_COLORS
         assert attrs.shape in shapes.SHAPES
         pixels = _pixels(image)
         # The shape's centre has the shape's colour, the corner farthest from it the background's.
@@ -94,14 +96,41 @@ def test_sizes_aspects_and_shape_extent_in_range():
         assert r - 1 <= cx <= width - r + 1 and r - 1 <= cy <= height - r + 1  # the shape lies inside
     assert aspects == set(shapes.ASPECTS)
     # Every colour, shape and background shows up in a few hundred samples.
-    assert {a.color for *_, a in samples} == set(shapes.COLORS)
-    assert {a.background for *_, a in samples} == set(shapes.COLORS)
+    assert {a.color for *_, a in samples} == set(shapes.SHAPE_COLORS)
+    assert {a.background for *_, a in samples} == set(shapes.BACKGROUND_COLORS)
     assert {a.shape for *_, a in samples} == set(shapes.SHAPES)
+
+
+def test_every_shape_stands_out_from_every_background_by_brightness():
+    def luma(rgb):
+        r, g, b = rgb
+        return 0.299 * r + 0.587 * g + 0.114 * b
+
+    assert not set(shapes.SHAPE_PALETTE) & set(shapes.BACKGROUND_PALETTE)
+    darkest_background = min(map(luma, shapes.BACKGROUND_PALETTE.values()))
+    assert all(luma(c) < darkest_background - 60 for c in shapes.SHAPE_PALETTE.values())
+
+
+def test_example_samples_vary_aspect_and_shape():
+    samples = shapes.example_samples(8, seed=0)
+    assert len({c for _, c, _ in samples}) == 8
+    assert {a.shape for *_, a in samples} == set(shapes.SHAPES)
+    assert {round(a.width / a.height, 1) for *_, a in samples} == {1.0, 1.3, 0.8, 2.0}
+    assert all(shapes.example_file_name(a) == f"{a.color}_{a.shape}_on_{a.background}.png" for *_, a in samples)
 
 
 def test_all_captions_and_words():
     captions = shapes.all_captions()
-    n = len(shapes.COLORS)
-    assert len(captions) == len(set(captions)) == n * (n - 1) * len(shapes.SHAPES)
+    assert len(captions) == len(set(captions)) == len(shapes.SHAPE_COLORS) * len(shapes.BACKGROUND_COLORS) * len(shapes.SHAPES)
     words = set(shapes.caption_words())
     assert all(set(c[:-1].split()) | {"."} <= words for c in captions)
+
+
+def test_every_shape_is_brighter_or_darker_than_every_background():
+    """The contrast the demo model relies on (see the palette's comment): shapes darker than backgrounds."""
+    def luma(rgb):
+        r, g, b = rgb
+        return 0.299 * r + 0.587 * g + 0.114 * b
+
+    darkest_background = min(luma(c) for c in shapes.BACKGROUND_PALETTE.values())
+    assert all(luma(c) < darkest_background - 40 for c in shapes.SHAPE_PALETTE.values())
