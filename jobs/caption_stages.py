@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 from raylens.engines.base import SamplingParams, VLRequest, format_error
+from raylens.errors import KindError
 from raylens.fetch import UrlFetcher
-from raylens.images import ImageError, PreparedImage, TilingSpec, decode_image, prepare_image
-from raylens.sources import SourceError, SourceFilesystems, read_source
+from raylens.images import PreparedImage, TilingSpec, decode_image, prepare_image
+from raylens.sources import SourceFilesystems, read_source
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def output_schema(extra_fields: list[pa.Field]) -> pa.Schema:
 
 
 def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, (ImageError, SourceError)):
+    if isinstance(exc, KindError):
         return f"{type(exc).__name__}({exc.kind}): {exc}"
     return format_error(exc)
 

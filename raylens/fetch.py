@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
+from raylens.errors import KindError
+
 FETCH_ERROR_KINDS = frozenset({"blocked", "bad_url", "http_status", "too_large", "timeout", "network"})
 ALLOWED_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -45,20 +47,12 @@ _SAFE_URL_CHARS = "/?#[]@!$&'()*+,;=-._~:%"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
-class FetchError(ValueError):
+class FetchError(KindError):
     """A URL that could not be fetched; ``kind`` is one of "blocked" (refused by policy: address,
     allowlist, redirect scheme), "bad_url", "http_status", "too_large", "timeout", "network". It
     pickles with its kind, so it survives crossing Ray processes."""
 
-    def __init__(self, kind: str, message: str):
-        if kind not in FETCH_ERROR_KINDS:
-            raise ValueError(f"FetchError kind must be one of {sorted(FETCH_ERROR_KINDS)}, got {kind!r}")
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-    def __reduce__(self):
-        return (type(self), (self.kind, self.message))
+    KINDS = FETCH_ERROR_KINDS
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from raylens.errors import KindError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -42,19 +44,11 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _BICUBIC = Image.Resampling.BICUBIC
 
 
-class ImageError(ValueError):
+class ImageError(KindError):
     """A row-level image problem; ``kind`` is one of "empty", "too_large", "not_an_image",
     "truncated", "decode". It pickles with its kind, so it survives crossing Ray processes."""
 
-    def __init__(self, kind: str, message: str):
-        if kind not in ERROR_KINDS:
-            raise ValueError(f"ImageError kind must be one of {sorted(ERROR_KINDS)}, got {kind!r}")
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-    def __reduce__(self):
-        return (type(self), (self.kind, self.message))
+    KINDS = ERROR_KINDS
 
 
 @dataclass(frozen=True)

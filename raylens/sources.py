@@ -48,6 +48,7 @@ from raylens.fetch import FETCH_ERROR_KINDS, FetchError, UrlFetcher
 from raylens.images import IMAGE_EXTENSIONS
 from raylens.manifests import MANIFEST_EXTENSIONS, is_manifest, read_manifest
 from raylens.storage import S3Settings, list_files, relative_id, to_uri
+from raylens.errors import KindError
 from raylens.webdataset import SHARD_EXTENSION, find_member, iter_shard_samples, read_member_range
 
 INPUT_KINDS = ("directory", "manifest", "webdataset")
@@ -58,19 +59,11 @@ _TAR_SOURCE = re.compile(r"^tar://(?P<shard>.+?\.tar)#(?P<member>.+?)(?:\?offset
                          re.IGNORECASE | re.DOTALL)
 
 
-class SourceError(ValueError):
+class SourceError(KindError):
     """An input item whose bytes could not be read; ``kind`` is "missing", "bad_source", "read",
     "too_large" or a :class:`raylens.fetch.FetchError` kind. Pickles with its kind."""
 
-    def __init__(self, kind: str, message: str):
-        if kind not in SOURCE_ERROR_KINDS:
-            raise ValueError(f"SourceError kind must be one of {sorted(SOURCE_ERROR_KINDS)}, got {kind!r}")
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-    def __reduce__(self):
-        return (type(self), (self.kind, self.message))
+    KINDS = SOURCE_ERROR_KINDS
 
 
 @dataclass(frozen=True)
