@@ -1,4 +1,5 @@
-"""Caption (or question) every image under a directory or S3 prefix with an InternVL2 model, on Ray Data.
+"""Caption (or question) images with an InternVL2 model on Ray Data: a directory or S3 prefix of images,
+Parquet/JSONL/CSV manifests (optionally with a question per row), or WebDataset shards.
 
 Locally (starts a Ray instance when none is running):
 
@@ -9,8 +10,9 @@ On a cluster:
     ray job submit --working-dir . -- python -m jobs.caption \\
         --input s3://bucket/images/ --output s3://bucket/captions/ --model OpenGVLab/InternVL2-2B
 
-Stages (see jobs/caption_stages.py): list files (driver) -> read, decode, validate, downscale (CPU tasks)
--> generate (actor pool: GPU actors where the cluster has GPUs, CPU actors otherwise) -> Parquet.
+Stages (see jobs/caption_stages.py): list inputs (driver) -> read, decode, validate, downscale (CPU tasks)
+-> generate (actor pool: GPU actors where the cluster has GPUs, CPU actors otherwise) -> one Parquet file
+per shard of inputs, written when complete (jobs/caption_output.py): rerunning resumes, exactly once.
 `setup()` resolves and validates everything that can fail before Ray starts; `main()` runs the pipeline.
 Exit codes: 0 done; 1 nothing could be processed; 2 bad --input/--output or arguments.
 """
