@@ -253,7 +253,7 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
     """Rows of batches that failed for good (engine actor died past its retries): written as errors."""
     import pyarrow as pa
 
-    from jobs.caption_stages import output_schema
+    from jobs.caption_stages import output_row, prompts_of, stage_output_schema
 
     incomplete = writer.incomplete()
     if not incomplete:
@@ -262,21 +262,16 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
     message = (f"BatchFailed: the batch holding this row failed {plan.config.engine_retries + 1} times "
                "(engine actor died or a stage raised); see the Ray logs")
     extra_names = [f.name for f in plan.extra_fields]
-    schema = output_schema(plan.extra_fields).append(pa.field("__shard", pa.int64()))
+    schema = stage_output_schema(plan.extra_fields)
     for shard in sorted(incomplete):
         have = writer.rows_of(shard)
         seen = set() if have is None else set(zip(have.column("id").to_pylist(), have.column("prompt_index").to_pylist()))
-        lost = []
-        for r in rows:
-            if r["__shard"] != shard:
-                continue
-            prompts = [r["__question"]] if plan.config.question_column else plan.config.prompt
-            lost.extend(
-                {"id": r["id"], "prompt_index": j, "image": r["image"], "prompt": prompt, "text": None, "error": message,
-                 "stage": "engine", "model": plan.model_name, "num_tiles": 0, "num_input_tokens": 0,
-                 "num_output_tokens": 0, "finish_reason": None, "__shard": shard, **{n: r[n] for n in extra_names}}
-                for j, prompt in enumerate(prompts) if (r["id"], j) not in seen
-            )
+        lost = [
+            output_row(r, j, prompt, model=plan.model_name, extra_names=extra_names, error=message, stage="engine", num_tiles=0)
+            for r in rows if r["__shard"] == shard
+            for j, prompt in enumerate(prompts_of(r, plan.config.prompt, bool(plan.config.question_column)))
+            if (r["id"], j) not in seen
+        ]
         writer.add(pa.Table.from_pylist(lost, schema=schema))
 
 

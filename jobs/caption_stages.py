@@ -58,6 +58,27 @@ def output_schema(extra_fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(list(OUTPUT_SCHEMA) + list(extra_fields))
 
 
+def stage_output_schema(extra_fields: list[pa.Field]) -> pa.Schema:
+    """`output_schema` plus `__shard`, which the writer uses and drops."""
+    return output_schema(extra_fields).append(pa.field("__shard", pa.int64()))
+
+
+def prompts_of(row: dict, prompts: list[str], use_question_column: bool) -> list[str | None]:
+    """The prompts one listing row asks: its own question, or every --prompt."""
+    return [row["__question"]] if use_question_column else prompts
+
+
+def output_row(row: dict, prompt_index: int, prompt: str | None, *, model: str, extra_names: list[str],
+               error: str | None, stage: str | None, num_tiles: int) -> dict:
+    """One output row for (listing row, prompt) before the engine fills text and token counts."""
+    return {
+        "id": row["id"], "prompt_index": prompt_index, "image": row["image"], "prompt": prompt, "text": None,
+        "error": error, "stage": stage, "model": model, "num_tiles": num_tiles, "num_input_tokens": 0,
+        "num_output_tokens": 0, "finish_reason": None, "__shard": row["__shard"],
+        **{name: row[name] for name in extra_names},
+    }
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, KindError):
         return f"{type(exc).__name__}({exc.kind}): {exc}"
@@ -128,10 +149,7 @@ class GenerateStage:
         self.use_question_column = use_question_column
         self.max_tiles = max_tiles
         self.extra_names = [f.name for f in extra_fields]
-        self.schema = output_schema(extra_fields).append(pa.field("__shard", pa.int64()))
-
-    def _prompts_of(self, row: dict) -> list[str | None]:
-        return [row["__question"]] if self.use_question_column else self.prompts
+        self.schema = stage_output_schema(extra_fields)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict] = []
@@ -139,13 +157,9 @@ class GenerateStage:
         slots: list[int] = []
         for row in batch.to_pylist():
             prepared = _prepared_from_row(row) if row["error"] is None else None
-            for j, prompt in enumerate(self._prompts_of(row)):
-                out = {
-                    "id": row["id"], "prompt_index": j, "image": row["image"], "prompt": prompt, "text": None,
-                    "error": row["error"], "stage": row["stage"], "model": self.model_name, "num_tiles": row["num_tiles"],
-                    "num_input_tokens": 0, "num_output_tokens": 0, "finish_reason": None, "__shard": row["__shard"],
-                    **{name: row[name] for name in self.extra_names},
-                }
+            for j, prompt in enumerate(prompts_of(row, self.prompts, self.use_question_column)):
+                out = output_row(row, j, prompt, model=self.model_name, extra_names=self.extra_names,
+                                 error=row["error"], stage=row["stage"], num_tiles=row["num_tiles"])
                 if out["error"] is None and not prompt:
                     out.update(error="MissingQuestion: this row has no question in the --question-column column", stage="read")
                 if out["error"] is None:

@@ -294,6 +294,16 @@ def _adamw(named_parameters, args: argparse.Namespace) -> torch.optim.AdamW:
     )
 
 
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, lr: float, clip: float) -> None:
+    """One update, the same in both stages: set the scheduled lr, backward, clip, step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, clip)
+    optimizer.step()
+
+
 class _Clock:
     """Wall and process-CPU seconds since creation (CPU time is what contention for the cores does not change)."""
 
@@ -338,14 +348,9 @@ def warm_up_vision(model, args: argparse.Namespace, dims: DemoDims) -> float:
         pixel_values = torch.cat([torch.from_numpy(pixel_values_for(prepare_image(image, single), single))
                                   for image, _, _ in samples])
         target = torch.tensor([labels[attrs.shape] for _, _, attrs in samples])
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.vision_steps, args.lr, args.warmup)
         features = vision(pixel_values=pixel_values).last_hidden_state[:, 1:].mean(dim=1)  # patches, not CLS
         loss = torch.nn.functional.cross_entropy(head(features), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision.parameters(), args.clip)
-        optimizer.step()
+        _optimizer_step(optimizer, loss, vision.parameters(), lr_at(step, args.vision_steps, args.lr, args.warmup), args.clip)
         losses.append(loss.item())
         if (step + 1) % args.log_every == 0 or step + 1 == args.vision_steps:
             recent = losses[-args.log_every :]
@@ -370,13 +375,8 @@ def train_captioning(model, tokenizer, args: argparse.Namespace, dims: DemoDims)
     model.train()
     for step in range(args.steps):
         batch = encoder.batch([next(stream) for _ in range(args.batch_size)])
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
+        _optimizer_step(optimizer, loss, model.parameters(), lr_at(step, args.steps, args.lr, args.warmup), args.clip)
         losses.append(loss.item())
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             recent = losses[-args.log_every :]
