@@ -4,12 +4,13 @@ Every contender captions the same JPEG files with the same checkpoint, prompt an
 `ignore_eos`, `max_new_tokens`, `max_tiles`) and reports:
   startup_s      process start -> engine ready (model load, warm-up)
   steady_s       time of the measured part, images counted from files on disk (decode included)
-  images_per_s   images / steady_s;  output_tokens_per_s likewise
+  t_start/t_end  the measured part in wall-clock time (`time.time()`), to match GPU-utilisation samples
 Contenders:
   pipeline       what a user writes with lmdeploy: `pipe([...all prompts...])` on PIL images
   transformers   what a user writes with transformers: batched `generate` over our own tiles
-  raylens        the batch job's Ray Data pipeline (CPU tasks + lmdeploy engine actors); steady state is
-                 measured between the first and the last output batch, so pipeline fill is excluded
+  raylens        the batch job's Ray Data pipeline (CPU tasks + lmdeploy engine actors); steady state runs
+                 from the moment the first engine is built (warm-up done) to the last output, so it
+                 includes the pipeline's fill and drain
   raylens-lmdeploy-prep   the same job with lmdeploy's own image preprocessing (`preprocess="lmdeploy"`)
 
 Run one directly: `python -m bench.contenders pipeline ARGS_JSON OUT_JSON`.
@@ -57,14 +58,14 @@ def run_pipeline(args: dict) -> dict:
     warm = [messages(Image.open(p).convert("RGB")) for p in paths[:8]]
     pipe(warm, gen_config=gen)
     startup = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t1, wall_start = time.perf_counter(), time.time()
     prompts = [messages(Image.open(p).convert("RGB")) for p in paths]
     outs = pipe(prompts, gen_config=gen)
     steady = time.perf_counter() - t1
     pipe.close()
     tokens = sum(o.generate_token_len for o in outs)
     return dict(startup_s=startup, steady_s=steady, images=len(paths), output_tokens=tokens,
-                input_tokens_per_image=outs[0].input_token_len, t_start=t1 - t0, t_end=t1 - t0 + steady)
+                input_tokens_per_image=outs[0].input_token_len, t_start=wall_start, t_end=time.time())
 
 
 def run_transformers(args: dict) -> dict:
@@ -86,7 +87,7 @@ def run_transformers(args: dict) -> dict:
 
     asyncio.run(engine.generate(requests(paths[:4]), params))
     startup = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t1, wall_start = time.perf_counter(), time.time()
     tokens, input_tokens = 0, 0
     for i in range(0, len(paths), batch):
         for r in asyncio.run(engine.generate(requests(paths[i : i + batch]), params)):
@@ -94,41 +95,55 @@ def run_transformers(args: dict) -> dict:
             input_tokens = r.num_input_tokens
     steady = time.perf_counter() - t1
     return dict(startup_s=startup, steady_s=steady, images=len(paths), output_tokens=tokens,
-                input_tokens_per_image=input_tokens, t_start=t1 - t0, t_end=t1 - t0 + steady)
+                input_tokens_per_image=input_tokens, t_start=wall_start, t_end=time.time())
 
 
 def run_raylens(args: dict) -> dict:
+    """The job's own pipeline. Steady state runs from the first engine's end of construction (recorded by
+    `bench.timed_engine`) to the last output; "first_to_last" (first output batch to the last) is kept for
+    comparison with the first session's figures, which overstate."""
     import tempfile
 
     import ray
 
+    from bench.timed_engine import read_ready_times
     from jobs.caption import build_dataset, pending_rows, setup
     from jobs.caption_config import CaptionJobConfig
 
-    t0 = time.perf_counter()
+    t0 = time.time()
     ray.init(logging_level="ERROR")
     out = tempfile.mkdtemp(prefix="raylens-bench-")
+    ready_dir = tempfile.mkdtemp(prefix="raylens-ready-")
+    engine_options = {**args.get("engine_options", {}), "ready_dir": ready_dir, "inner": args.get("engine", "lmdeploy")}
     cfg = CaptionJobConfig(
-        input=args["images"], output=out, overwrite=True, model=args["model"], engine=args.get("engine", "lmdeploy"),
+        input=args["images"], output=out, overwrite=True, model=args["model"],
+        engine="bench.timed_engine:TimedEngine",
         max_tiles=args["max_tiles"], max_new_tokens=args["max_new_tokens"], ignore_eos=True,
-        batch_size=args.get("batch_size", 32), replicas=args.get("replicas", 1),
-        gpus_per_replica=args.get("gpus_per_replica", 1.0),
-        engine_args=json.dumps(args.get("engine_options", {})) if args.get("engine_options") else None,
+        batch_size=args.get("batch_size", 32), replicas=str(args.get("replicas", 1)),
+        gpus_per_replica=args.get("gpus_per_replica", 1.0), engine_args=json.dumps(engine_options),
     )
     plan = setup(cfg)
     plan.items = plan.items[: args["n_images"]]
     rows, _ = pending_rows(plan)
     ds, _ = build_dataset(plan, rows)
     marks: list[tuple[float, int, int]] = []
+    errors = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        marks.append((time.perf_counter() - t0, batch.num_rows, sum(batch.column("num_output_tokens").to_pylist())))
+        marks.append((time.time() - t0, batch.num_rows, sum(batch.column("num_output_tokens").to_pylist())))
+        errors += batch.num_rows - batch.column("error").null_count
     ray.shutdown()
-    first_t, first_rows, first_tokens = marks[0]
-    rows = sum(m[1] for m in marks)
+    engines = [{k: round(v - t0, 2) for k, v in e.items()} for e in read_ready_times(ready_dir)]
+    if not engines:
+        raise RuntimeError("no engine recorded its ready time")
+    images = sum(m[1] for m in marks)
     tokens = sum(m[2] for m in marks)
-    steady = marks[-1][0] - first_t
-    return dict(startup_s=first_t, steady_s=steady, images=rows - first_rows, output_tokens=tokens - first_tokens,
-                total_images=rows, total_wall_s=marks[-1][0], t_start=first_t, t_end=marks[-1][0])
+    first_ready, last_output = engines[0]["ready"], marks[-1][0]
+    first_t, first_rows = marks[0][0], marks[0][1]
+    if errors:
+        raise RuntimeError(f"{errors} of {images} rows failed; a benchmark counts only captioned images")
+    return dict(startup_s=first_ready, steady_s=last_output - first_ready, images=images, output_tokens=tokens,
+                engines=engines, first_output_s=first_t, first_to_last_images_per_s=round((images - first_rows) / (last_output - first_t), 2),
+                t_start=t0 + first_ready, t_end=t0 + last_output)
 
 
 def run_raylens_lmdeploy_preprocess(args: dict) -> dict:

@@ -8,7 +8,7 @@ import time
 
 
 class GpuMonitor:
-    """`with GpuMonitor() as m: ...` then `m.samples`: (seconds since start, [util% per GPU])."""
+    """`with GpuMonitor() as m: ...` then `m.samples`: (wall-clock time.time(), [util% per GPU])."""
 
     def __init__(self, interval_ms: int = 500) -> None:
         self.interval_ms = interval_ms
@@ -19,7 +19,6 @@ class GpuMonitor:
     def __enter__(self) -> "GpuMonitor":
         if shutil.which("nvidia-smi") is None:
             return self
-        self._t0 = time.perf_counter()
         self._proc = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.interval_ms}"],
             stdout=subprocess.PIPE, text=True,
@@ -36,7 +35,7 @@ class GpuMonitor:
                 n = int(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.count("GPU "))
             gpus.append(int(line.strip() or 0))
             if len(gpus) == n:
-                self.samples.append((round(time.perf_counter() - self._t0, 2), gpus))
+                self.samples.append((round(time.time(), 2), gpus))
                 gpus = []
 
     def __exit__(self, *exc) -> None:

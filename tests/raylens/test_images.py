@@ -147,6 +147,18 @@ def test_normalisation_white_and_black():
         np.testing.assert_allclose(values[0].reshape(3, -1).std(axis=1), 0, atol=1e-6)
 
 
+def test_normalize_tiles_equals_the_per_pixel_formula_exactly():
+    """The table lookup must give the bits that ToTensor + Normalize give, pixel by pixel and channel by channel."""
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(3)]
+    out = normalize_tiles([Image.fromarray(a) for a in arrays])
+    stacked = np.stack(arrays).astype(np.float32)
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    expected = ((stacked / np.float32(255.0) - mean) / std).transpose(0, 3, 1, 2)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_normalize_tiles_resizes_odd_tiles():
     out = normalize_tiles([Image.new("RGB", (64, 64)), Image.new("L", (30, 10), 255)])
     assert out.shape == (2, 3, 64, 64)
