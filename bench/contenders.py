@@ -112,6 +112,7 @@ def run_raylens(args: dict) -> dict:
 
     t0 = time.time()
     ray.init(logging_level="ERROR")
+    phases = {"ray_init": round(time.time() - t0, 2)}
     out = tempfile.mkdtemp(prefix="raylens-bench-")
     ready_dir = tempfile.mkdtemp(prefix="raylens-ready-")
     engine_options = {**args.get("engine_options", {}), "ready_dir": ready_dir, "inner": args.get("engine", "lmdeploy")}
@@ -120,12 +121,14 @@ def run_raylens(args: dict) -> dict:
         engine="bench.timed_engine:TimedEngine",
         max_tiles=args["max_tiles"], max_new_tokens=args["max_new_tokens"], ignore_eos=True,
         batch_size=args.get("batch_size", 32), replicas=str(args.get("replicas", 1)),
+        batches_in_flight=args.get("batches_in_flight", 8),
         gpus_per_replica=args.get("gpus_per_replica", 1.0), engine_args=json.dumps(engine_options),
     )
     plan = setup(cfg)
     plan.items = plan.items[: args["n_images"]]
     rows, _ = pending_rows(plan)
     ds, _ = build_dataset(plan, rows)
+    phases["setup_and_plan"] = round(time.time() - t0, 2)
     marks: list[tuple[float, int, int]] = []
     errors = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -142,7 +145,7 @@ def run_raylens(args: dict) -> dict:
     if errors:
         raise RuntimeError(f"{errors} of {images} rows failed; a benchmark counts only captioned images")
     return dict(startup_s=first_ready, steady_s=last_output - first_ready, images=images, output_tokens=tokens,
-                engines=engines, first_output_s=first_t, first_to_last_images_per_s=round((images - first_rows) / (last_output - first_t), 2),
+                engines=engines, phases=phases, first_output_s=first_t, first_to_last_images_per_s=round((images - first_rows) / (last_output - first_t), 2),
                 t_start=t0 + first_ready, t_end=t0 + last_output)
 
 

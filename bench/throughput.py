@@ -35,13 +35,19 @@ def ensure_checkpoint(root: Path, size: str) -> Path:
     return path
 
 
-def run_contender(name: str, args: dict, workdir: Path, timeout: int) -> dict:
+def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_dir: Path | None = None) -> dict:
     out = workdir / f"{name}-{args['size']}-t{args['max_tiles']}.json"
     label, name = name, name.split("@")[0]
+    command = [sys.executable, "-m", "bench.contenders", name, json.dumps(args), str(out)]
+    if profile_dir is not None:  # py-spy samples the contender and every process it starts (Ray workers too)
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        trace = profile_dir / f"{label.replace('@', '-')}-{args['size']}-t{args['max_tiles']}.txt"
+        command = ["py-spy", "record", "--subprocesses", "--rate", "20", "--format", "raw", "--output", str(trace),
+                   "--", *command]
     with GpuMonitor() as gpu:
         t = time.perf_counter()
         # Its own session, so that a contender past its time limit goes down with every process it started.
-        proc = subprocess.Popen([sys.executable, "-m", "bench.contenders", name, json.dumps(args), str(out)],
+        proc = subprocess.Popen(command,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
@@ -108,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--gpus-per-replica", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches-in-flight", type=int, default=8, help="the raylens contenders' --batches-in-flight")
     p.add_argument("--engine", default="lmdeploy", help="the raylens contenders' engine (transformers: a CPU smoke run)")
     p.add_argument("--engine-options", default="{}", help="JSON PytorchEngineConfig options for lmdeploy contenders")
     p.add_argument("--workdir", default="/tmp/raylens-bench")
     p.add_argument("--timeout", type=int, default=400, help="seconds per contender run")
     p.add_argument("--out", required=True, help="JSON file for the raw results")
+    p.add_argument("--profile", default=None, help="folder for py-spy profiles (collapsed stacks) of each contender; "
+                   "profiled runs are slower, so their figures are not quoted")
     a = p.parse_args(argv)
 
     work = Path(a.workdir)
@@ -127,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             args = dict(size=size, model=str(ckpt), images=str(images), n_images=n, max_tiles=tiles,
                         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
                         gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options),
-                        engine=a.engine)
+                        engine=a.engine, batches_in_flight=a.batches_in_flight)
             for name in a.contenders:
                 run_args = dict(args, **contender_layout(name, args["engine_options"]))
-                r = run_contender(name, run_args, work, a.timeout)
+                r = run_contender(name, run_args, work, a.timeout, Path(a.profile) if a.profile else None)
                 r.update(size=size, max_tiles=tiles, n_images=n, settings=run_args)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("gpu_util_samples", "settings")}), flush=True)
                 results.append(r)
