@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -361,6 +362,22 @@ def main(plan: JobPlan) -> dict:
     return summary
 
 
+def engine_start_failure(exc: BaseException) -> str | None:
+    """The error that kept every engine actor from being built, or None for any other failure.
+
+    An engine whose constructor raises (a bad --engine-args key, a model lmdeploy refuses) kills its actor
+    before it takes a batch; Ray Data then gives up with ActorDiedError, whose text ends with the original
+    exception. That is a setup error, so the job reports that one line instead of Ray's traceback.
+    """
+    from ray.exceptions import ActorDiedError
+
+    if not isinstance(exc, ActorDiedError) or "creation task" not in str(exc):
+        return None
+    errors = re.findall(r"^\s*((?:\w+\.)*\w+(?:Error|Exception): .+)$", str(exc), flags=re.MULTILINE)
+    causes = [e for e in errors if not e.split(":", 1)[0].endswith("ActorDiedError")]
+    return causes[-1].strip() if causes else str(exc).splitlines()[0]
+
+
 def run(argv: list[str] | None = None) -> int:
     config = CaptionJobConfig.from_args(argv, description=__doc__)
     try:
@@ -371,7 +388,15 @@ def run(argv: list[str] | None = None) -> int:
     if plan.uses_demo_model:
         print(DEMO_NOTICE, flush=True)
     print(f"captioning {len(plan.items)} images from {config.input} -> {config.output}", flush=True)
-    summary = main(plan)
+    try:
+        summary = main(plan)
+    except Exception as exc:  # noqa: BLE001
+        cause = engine_start_failure(exc)
+        if cause is None:
+            raise
+        print(f"error: the engine could not start: {cause}\n(check --model, --engine and --engine-args; "
+              "finished shards are kept and a rerun resumes)", file=sys.stderr)
+        return 1
     brief = {k: summary[k] for k in ("rows", "succeeded", "failed", "wall_s", "images_per_s", "model", "engine")}
     print("summary: " + json.dumps(brief), flush=True)
     if summary["succeeded"] == 0:

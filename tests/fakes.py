@@ -42,3 +42,10 @@ class CrashingEngine(EchoEngine):
         if any(r.image is not None and r.image.original_size[0] == POISON_WIDTH for r in requests):
             os._exit(17)
         return await super().generate(requests, params)
+
+
+class UnbuildableEngine(EchoEngine):
+    """An engine whose constructor rejects its options, as lmdeploy does with a misspelt --engine-args key."""
+
+    def __init__(self, model_dir: str, **options: object) -> None:
+        raise TypeError(f"UnbuildableEngine.__init__() got an unexpected keyword argument {sorted(options)[-1]!r}")

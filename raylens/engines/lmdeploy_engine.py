@@ -65,8 +65,10 @@ class LMDeployEngine:
         model_name: str | None = None,
         preprocess: str = "raylens",
         preprocess_threads: int = 4,
-        engine_options: dict[str, Any] | None = None,
+        **config_options: Any,
     ) -> None:
+        """Keyword arguments not named here (from `--engine-args`) go to lmdeploy's `PytorchEngineConfig`
+        as they are, e.g. `num_gpu_blocks` or `block_size`; an unknown one fails with lmdeploy's own error."""
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         from lmdeploy import PytorchEngineConfig
@@ -82,7 +84,7 @@ class LMDeployEngine:
             max_prefill_token_num=max_prefill_token_num,
             session_len=session_len,
             eager_mode=eager_mode,
-            **(engine_options or {}),
+            **config_options,
         )
         try:
             self._engine = VLAsyncEngine(

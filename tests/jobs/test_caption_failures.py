@@ -93,3 +93,17 @@ def test_rerun_after_the_driver_is_killed_completes_without_duplicates(tmp_path,
     assert sorted(ids) == [f"img_{i:03d}.png" for i in range(n)]  # none missing, none twice
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows"] == n and summary["processed_images"] == n - 2 * done_before
+
+
+def test_an_engine_that_cannot_be_built_fails_the_job_with_its_error(tmp_path, tiny_checkpoint):
+    """A constructor error (e.g. an option lmdeploy does not know) is one clear line and exit code 1."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(image_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.caption", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+         "--model", str(tiny_checkpoint), "--engine", "fakes:UnbuildableEngine", "--engine-args", '{"num_gpu_blockz": 8}'],
+        cwd=REPO, capture_output=True, text=True, timeout=240, env=subprocess_env(RAY_DATA_DISABLE_PROGRESS_BARS="1"),
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ("error: the engine could not start: TypeError: UnbuildableEngine.__init__() got an unexpected keyword "
+            "argument 'num_gpu_blockz'") in proc.stderr
