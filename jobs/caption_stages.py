@@ -29,7 +29,7 @@ import pyarrow as pa
 from raylens.engines.base import SamplingParams, VLRequest, format_error
 from raylens.errors import KindError
 from raylens.fetch import UrlFetcher
-from raylens.images import PreparedImage, TilingSpec, decode_image, prepare_image
+from raylens.images import PreparedImage, TilingSpec, decode_prepared
 from raylens.sources import SourceFilesystems, read_source
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
         try:
             data = read_source(source, filesystems=filesystems, fetcher=fetcher)
             stage = "decode"
-            prepared = prepare_image(decode_image(data, max_pixels=max_pixels), tiling)
+            prepared = decode_prepared(data, tiling, max_pixels=max_pixels)
         except Exception as exc:  # noqa: BLE001 - every failure is data about this row
             for k, v in (("__pixels", b""), ("__height", 0), ("__width", 0), ("__grid_cols", 0), ("__grid_rows", 0),
                          ("__orig_width", 0), ("__orig_height", 0), ("num_tiles", 0)):

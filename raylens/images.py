@@ -20,9 +20,10 @@ PIL's own bomb limit still applies, so a ``max_pixels`` above it is capped by it
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -118,6 +119,33 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     first frame; transparency is composited onto white (the model never saw alpha); 16-bit and float
     grey is scaled to 8 bits instead of being clipped.
     """
+    with _opened(data, max_pixels) as image:
+        return _load_rgb(image)
+
+
+def decode_prepared(data: bytes, spec: "TilingSpec", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> "PreparedImage":
+    """`prepare_image(decode_image(data), spec)`, but a JPEG at least twice the grid canvas in both
+    dimensions is decoded at a reduced scale that still covers the canvas (Pillow's draft mode: the JPEG
+    decoder drops DCT coefficients instead of decoding every pixel and resizing them away).
+
+    Why: a 12-MP photo costs 200-250 ms to decode in full on one core, and at 1 tile all but 1/60th of
+    those pixels are thrown away by the downscale (docs/benchmarks.md, CPU-only benchmark). The grid
+    is still chosen from the full size, so tiling matches `prepare_image` exactly; only the resampling
+    path differs (DCT scaling, then bicubic), by a few grey levels.
+    """
+    with _opened(data, max_pixels) as image:
+        original = image.size
+        cols, rows = find_grid(*original, spec)
+        canvas = (spec.tile_size * cols, spec.tile_size * rows)
+        if image.format == "JPEG" and original[0] >= 2 * canvas[0] and original[1] >= 2 * canvas[1]:
+            image.draft(image.mode, canvas)
+        rgb = _load_rgb(image)
+    return prepare_image(rgb, spec, original_size=original)
+
+
+@contextmanager
+def _opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image with its header read and checked (format, declared size), no pixel decoded yet."""
     if isinstance(data, memoryview):
         data = data.tobytes()
     if not isinstance(data, (bytes, bytearray)):
@@ -151,13 +179,20 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                 )
             if width < 1 or height < 1:
                 raise ImageError("decode", f"{fmt} declares an empty size {width}x{height}")
-            try:
-                image.load()  # the first frame only, for animated formats
-                return _to_rgb(image)
-            except MemoryError:
-                raise
-            except Exception as e:
-                raise _classify(e, f"decoding a {width}x{height} {fmt}") from e
+            yield image
+
+
+def _load_rgb(image: Image.Image) -> Image.Image:
+    """Decode the pixels of an opened image (the first frame of an animation) and convert them to RGB."""
+    width, height = image.size
+    fmt = image.format or "image"
+    try:
+        image.load()
+        return _to_rgb(image)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _classify(e, f"decoding a {width}x{height} {fmt}") from e
 
 
 def _classify(e: Exception, doing: str) -> ImageError:
@@ -247,18 +282,22 @@ def num_tiles_for(grid: tuple[int, int], spec: TilingSpec) -> int:
     return n + 1 if spec.use_thumbnail and n > 1 else n
 
 
-def prepare_image(image: Image.Image, spec: TilingSpec) -> PreparedImage:
+def prepare_image(image: Image.Image, spec: TilingSpec, *, original_size: tuple[int, int] | None = None) -> PreparedImage:
     """Choose the grid from the original size and shrink the image to the grid canvas if it is larger
     in area. Small images are kept as they are; the upscale to the canvas happens in make_tiles, so
-    the object store never carries more pixels than the model will see."""
+    the object store never carries more pixels than the model will see.
+
+    ``original_size`` is the size the grid is chosen from when ``image`` was already decoded smaller
+    (`decode_prepared`); it defaults to the image's own size."""
     rgb = image if image.mode == "RGB" else _to_rgb(image)
     width, height = rgb.size
-    grid = find_grid(width, height, spec)
+    original = original_size or (width, height)
+    grid = find_grid(*original, spec)
     canvas = (spec.tile_size * grid[0], spec.tile_size * grid[1])
     if width * height > canvas[0] * canvas[1]:
         rgb = rgb.resize(canvas, _BICUBIC)
     pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
-    return PreparedImage(pixels, grid, num_tiles_for(grid, spec), (width, height))
+    return PreparedImage(pixels, grid, num_tiles_for(grid, spec), original)
 
 
 def make_tiles(prepared: PreparedImage, spec: TilingSpec) -> list[Image.Image]:

@@ -21,6 +21,7 @@ from raylens.images import (
     PreparedImage,
     TilingSpec,
     decode_image,
+    decode_prepared,
     find_grid,
     make_tiles,
     normalize_tiles,
@@ -342,3 +343,63 @@ def test_image_error_pickles_with_kind():
         ImageError("weird", "x")
     with pytest.raises(TypeError):
         decode_image("not bytes")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ decode_prepared
+def _photo(size, seed=0):
+    """A smooth photo-like image (gradients plus mild texture): what draft-mode scaling is judged on."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+
+
+def _draft_calls(monkeypatch) -> list:
+    """Record the JPEG decoder's draft requests; the real draft still runs."""
+    from PIL import JpegImagePlugin
+
+    calls = []
+    real = JpegImagePlugin.JpegImageFile.draft
+
+    def recording(self, mode, size):
+        calls.append((self.size, size))
+        return real(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording)
+    return calls
+
+
+@pytest.mark.parametrize("max_tiles", [1, 6])
+def test_decode_prepared_scales_large_jpegs_in_the_decoder_and_keeps_the_grid(monkeypatch, max_tiles):
+    spec = TilingSpec(tile_size=448, max_tiles=max_tiles)
+    data = _encode(_photo((4032, 3024)), "JPEG", quality=92)
+    calls = _draft_calls(monkeypatch)
+    fast = decode_prepared(data, spec)
+    exact = prepare_image(decode_image(data), spec)
+    assert calls and calls[0][0] == (4032, 3024)  # the decoder was asked for a reduced scale
+    assert (fast.grid, fast.num_tiles, fast.original_size) == (exact.grid, exact.num_tiles, (4032, 3024))
+    assert fast.pixels.shape == exact.pixels.shape
+    diff = np.abs(fast.pixels.astype(np.int16) - exact.pixels.astype(np.int16))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, (diff.mean(), np.percentile(diff, 99))
+
+
+@pytest.mark.parametrize("fmt,size", [("PNG", (2000, 1500)), ("JPEG", (800, 600)), ("WEBP", (1600, 1200))])
+def test_decode_prepared_is_exact_where_it_does_not_draft(fmt, size):
+    """Non-JPEGs, and JPEGs under twice the canvas, go the exact path: bit-identical to prepare_image."""
+    spec = TilingSpec(tile_size=448, max_tiles=1)
+    data = _encode(_photo(size), fmt)
+    fast, exact = decode_prepared(data, spec), prepare_image(decode_image(data), spec)
+    assert (fast.grid, fast.num_tiles, fast.original_size) == (exact.grid, exact.num_tiles, exact.original_size)
+    np.testing.assert_array_equal(fast.pixels, exact.pixels)
+
+
+def test_decode_prepared_converts_a_large_cmyk_jpeg_and_refuses_bombs():
+    spec = TilingSpec(tile_size=448, max_tiles=1)
+    cmyk = _encode(Image.new("CMYK", (1200, 1000), (0, 255, 255, 0)), "JPEG")
+    prepared = decode_prepared(cmyk, spec)
+    assert prepared.pixels.shape == (448, 448, 3) and prepared.original_size == (1200, 1000)
+    assert np.abs(prepared.pixels[200, 200].astype(int) - (255, 0, 0)).max() < 12  # red, as decode_image shows it
+    with pytest.raises(ImageError) as err:
+        decode_prepared(_png_declaring(9_000, 8_000), spec)
+    assert err.value.kind == "too_large"
