@@ -36,7 +36,7 @@ def ensure_checkpoint(root: Path, size: str) -> Path:
 
 
 def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_dir: Path | None = None) -> dict:
-    out = workdir / f"{name}-{args['size']}-t{args['max_tiles']}.json"
+    out = workdir / f"{name.replace('@', '-')}-{args['size']}-t{args['max_tiles']}.json"
     label, name = name, name.split("@")[0]
     command = [sys.executable, "-m", "bench.contenders", name, json.dumps(args), str(out)]
     if profile_dir is not None:  # py-spy samples the contender and every process it starts (Ray workers too)
@@ -57,8 +57,10 @@ def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_di
             subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)  # a Ray cluster it left behind
             stderr += f"\ntimed out after {timeout} s"
         wall = time.perf_counter() - t
+    log = out.with_suffix(".log")  # the whole output; the JSON keeps only its tail
+    log.write_text(stdout + "\n" + stderr)
     if proc.returncode != 0:
-        return {"contender": label, "error": (stdout[-2000:] + stderr[-4000:]), "wall_s": round(wall, 1)}
+        return {"contender": label, "error": (stdout[-2000:] + stderr[-4000:]), "wall_s": round(wall, 1), "log": str(log)}
     r = json.loads(out.read_text())
     r.update(contender=label, wall_s=round(wall, 1))
     r["images_per_s"] = round(r["images"] / r["steady_s"], 2) if r["steady_s"] > 0 else None

@@ -20,7 +20,7 @@ timeout 200 python -m bench.throughput --sizes 1b --tiles 12 --images 64 --image
 timeout 170 python -m bench.throughput --sizes 2b --tiles 1 --images 2048 \
     --contenders raylens raylens@x2 --timeout 80 --out "$OUT/bench-2b-2gpu.json" 2>&1 | tee "$OUT/bench-2b-2gpu.log" | grep -E '^\|'
 
-# One engine spanning both GPUs (lmdeploy tp=2 through the job's placement group), with the whole log.
+# One engine spanning both GPUs (lmdeploy tp=2 through the job's placement group), with its whole log.
 timeout 200 python -m bench.throughput --sizes 2b --tiles 12 --images 64 --images-many-tiles 96 \
-    --contenders raylens@tp2 --timeout 190 --out "$OUT/bench-2b-tp2.json" > "$OUT/tp2.log" 2>&1
-grep -E '^\|' "$OUT/tp2.log"
+    --contenders raylens@tp2 --timeout 190 --out "$OUT/bench-2b-tp2.json" 2>&1 | grep -E '^\|'
+cp $W/raylens-tp2-2b-t12.log "$OUT/tp2.log"

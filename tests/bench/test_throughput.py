@@ -28,6 +28,7 @@ def test_throughput_runs_raylens_and_transformers_contenders(tmp_path, capsys):
     engine = ray["engines"][0]
     assert 0 < engine["started"] < engine["ready"] <= ray["first_output_s"]
     assert ray["startup_s"] == engine["ready"]
+    assert (tmp_path / "work" / "raylens-tiny-t1.log").exists()  # the whole output, kept beside the JSON
     assert "| tiny | 1 | raylens | 6 |" in capsys.readouterr().out
 
 
