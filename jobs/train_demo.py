@@ -228,6 +228,7 @@ class ExampleEncoder:
 def caption_images(model, tokenizer, spec, image_tokens_per_tile: int, images, *, batch_size: int = 50,
                    max_new_tokens: int = 24) -> list[str]:
     """Greedy captions, batched with left padding, cut at the template's stop words."""
+    from raylens.engines.encoding import left_padded
     from raylens.images import pixel_values_for, prepare_image
 
     template = get_template(TEMPLATE)
@@ -244,12 +245,8 @@ def caption_images(model, tokenizer, spec, image_tokens_per_tile: int, images, *
             pv = torch.as_tensor(np.asarray(pixel_values_for(prepared, spec)))
             tiles.append(pv)
             rows.append(prompt_ids(tokenizer, pv.shape[0], image_tokens_per_tile))
-        width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[r, width - len(ids) :] = 1
+        input_ids, attention_mask = left_padded(rows, pad)
+        width = input_ids.shape[1]
         generated = model.generate(
             input_ids=input_ids.to(param.device),
             attention_mask=attention_mask.to(param.device),

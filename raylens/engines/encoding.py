@@ -38,3 +38,17 @@ def encode_request(req: VLRequest, *, template: ChatTemplate, tokenizer, tiling:
         if input_ids[offset : offset + n_image_tokens] != [context_id] * n_image_tokens:
             raise ValueError("the tokenizer split the image block: <IMG_CONTEXT> is not a single special token")
     return EncodedRequest(input_ids, pixel_values, offset, n_image_tokens)
+
+
+def left_padded(rows: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) long tensors for a batch of token-id lists, padded on the left so that
+    every row ends where generation starts."""
+    import torch
+
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[r, width - len(ids) :] = 1
+    return input_ids, attention_mask

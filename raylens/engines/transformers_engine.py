@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from raylens.engines.base import SamplingParams, VLRequest, VLResult
-from raylens.engines.encoding import encode_request
+from raylens.engines.encoding import encode_request, left_padded
 from raylens.images import TilingSpec
 from raylens.prompts import get_template
 
@@ -111,12 +111,8 @@ class TransformersEngine:
 
     def _generate_chunk(self, chunk: list[_Encoded], params: SamplingParams) -> list[dict]:
         torch = self._torch
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(chunk):  # left padding: every row ends where generation starts
-            ids[row, width - len(e.input_ids) :] = torch.tensor(e.input_ids)
-            mask[row, width - len(e.input_ids) :] = 1
+        ids, mask = left_padded([e.input_ids for e in chunk], self._pad_id)
+        width = ids.shape[1]
         kwargs = dict(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),

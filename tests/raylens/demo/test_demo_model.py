@@ -1,8 +1,8 @@
 """The shipped demo model really captions held-out shapes images, through the loading path users get.
 
-Generation is done here with the model directly (`_caption`), building inputs the way inference does:
-image bytes -> `raylens.images` tiles with the checkpoint's tiling -> Hermes-2 prompt with the image tokens
-expanded -> greedy `generate` -> cut at the stop words.
+Generation is done with the model directly (`_caption`, through `jobs.train_demo.caption_images`), building
+inputs the way inference does: image bytes -> `raylens.images` tiles with the checkpoint's tiling -> Hermes-2
+prompt with the image tokens expanded -> greedy `generate` -> cut at the stop words.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs.train_demo import caption_images
 from raylens.checkpoints.formats import FORMAT_ORIGINAL, read_model_spec
 from raylens.checkpoints.loading import load_hf_model
 from raylens.demo import MODEL_DIR, shapes
-from raylens.images import TilingSpec, decode_image, pixel_values_for, prepare_image
-from raylens.prompts import DEFAULT_CAPTION_PROMPT, build_prompt, expand_image_placeholders, get_template
+from raylens.images import TilingSpec, decode_image
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "images"
 HELD_OUT_IMAGES = 120
@@ -31,36 +31,13 @@ def _png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-@torch.inference_mode()
-def _caption(model, tokenizer, spec, images_bytes, *, batch_size: int = 40, max_new_tokens: int = 24) -> list[str]:
-    """Greedy captions of encoded images with the default caption prompt (left-padded batches)."""
-    template = get_template(spec.template)
+def _caption(model, tokenizer, spec, images_bytes) -> list[str]:
+    """Greedy captions of encoded images: decoded the way the job decodes them, then captioned by the
+    demo trainer's own evaluation (left-padded batches, the default caption prompt, cut at the stop words)."""
     tiling = TilingSpec(tile_size=spec.tile_size, min_tiles=spec.min_tiles, max_tiles=spec.max_tiles,
                         use_thumbnail=spec.use_thumbnail)
-    vocab = tokenizer.get_vocab()
-    stop_ids = [vocab[w] for w in template.stop_words if w in vocab]
-    pad_id = tokenizer.pad_token_id
-    captions = []
-    for start in range(0, len(images_bytes), batch_size):
-        rows, tiles = [], []
-        for data in images_bytes[start : start + batch_size]:
-            pixel_values = torch.from_numpy(pixel_values_for(prepare_image(decode_image(data), tiling), tiling))
-            prompt = build_prompt(template, DEFAULT_CAPTION_PROMPT)
-            prompt = expand_image_placeholders(prompt, [pixel_values.shape[0] * spec.image_tokens_per_tile])
-            rows.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            tiles.append(pixel_values)
-        width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[r, width - len(ids) :] = 1
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.cat(tiles),
-                             do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id)
-        for tokens in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
-            captions.append(tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip())
-    return captions
+    images = [decode_image(data) for data in images_bytes]
+    return caption_images(model, tokenizer, tiling, spec.image_tokens_per_tile, images, batch_size=40)
 
 
 def _accuracy(predictions, expected) -> float:
