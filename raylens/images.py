@@ -139,7 +139,7 @@ def decode_prepared(data: bytes, spec: "TilingSpec", *, max_pixels: int = DEFAUL
         canvas = (spec.tile_size * cols, spec.tile_size * rows)
         if image.format == "JPEG" and original[0] >= 2 * canvas[0] and original[1] >= 2 * canvas[1]:
             image.draft(image.mode, canvas)
-        rgb = _load_rgb(image)
+        rgb = _load_rgb(image, original)
     return prepare_image(rgb, spec, original_size=original)
 
 
@@ -149,7 +149,7 @@ def _opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
     if isinstance(data, memoryview):
         data = data.tobytes()
     if not isinstance(data, (bytes, bytearray)):
-        raise TypeError(f"decode_image expects bytes, got {type(data).__name__}")
+        raise TypeError(f"image data must be bytes, got {type(data).__name__}")
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be > 0, got {max_pixels}")
     if len(data) == 0:
@@ -182,9 +182,10 @@ def _opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
             yield image
 
 
-def _load_rgb(image: Image.Image) -> Image.Image:
-    """Decode the pixels of an opened image (the first frame of an animation) and convert them to RGB."""
-    width, height = image.size
+def _load_rgb(image: Image.Image, declared_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode the pixels of an opened image (the first frame of an animation) and convert them to RGB.
+    Errors name ``declared_size`` (the file's own size), not the reduced size a draft decode asked for."""
+    width, height = declared_size or image.size
     fmt = image.format or "image"
     try:
         image.load()

@@ -403,3 +403,10 @@ def test_decode_prepared_converts_a_large_cmyk_jpeg_and_refuses_bombs():
     with pytest.raises(ImageError) as err:
         decode_prepared(_png_declaring(9_000, 8_000), spec)
     assert err.value.kind == "too_large"
+
+
+def test_decode_prepared_names_the_files_own_size_when_a_drafted_decode_fails():
+    data = _encode(_photo((4032, 3024)), "JPEG", quality=92)
+    with pytest.raises(ImageError) as err:
+        decode_prepared(data[: len(data) // 2], TilingSpec(tile_size=448, max_tiles=1))
+    assert err.value.kind == "truncated" and "4032x3024 JPEG" in str(err.value)
