@@ -222,10 +222,8 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
         engine = "lmdeploy" if has_gpus and _lmdeploy_installed() else "transformers"
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=cfg.seed, ignore_eos=cfg.ignore_eos)
-    engine_options = ({"max_batch_size": cfg.batch_size} if engine == "transformers" else {}) | cfg.engine_options()
-    tp = cfg.tensor_parallel() if has_gpus else 1
-    if tp > 1:
-        engine_options["tp"] = tp
+    engine_options = engine_options_for(cfg, engine, has_gpus)
+    tp = engine_options.get("tp", 1)
     ds = ds.map_batches(
         GenerateStage,
         batch_size=cfg.batch_size,
@@ -274,6 +272,25 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
             if (r["id"], j) not in seen
         ]
         writer.add(pa.Table.from_pylist(lost, schema=schema))
+
+
+def engine_options_for(cfg: CaptionJobConfig, engine: str, has_gpus: bool) -> dict:
+    """The engine's constructor options: `--engine-args`, plus what the job's layout implies.
+
+    An lmdeploy engine on a fraction of a GPU gets that fraction of the usual KV-cache share unless
+    `--engine-args` sets one: lmdeploy takes 0.8 of the *free* memory, so the first engine on a GPU
+    would otherwise leave too little for the others."""
+    from raylens.engines.kv_cache import DEFAULT_CACHE_FRACTION
+
+    options = ({"max_batch_size": cfg.batch_size} if engine == "transformers" else {}) | cfg.engine_options()
+    if not has_gpus:
+        return options
+    tp = cfg.tensor_parallel()
+    if tp > 1:
+        options["tp"] = tp
+    if engine == "lmdeploy" and cfg.gpus_per_replica < 1:
+        options.setdefault("cache_max_entry_count", round(DEFAULT_CACHE_FRACTION * cfg.gpus_per_replica, 3))
+    return options
 
 
 def _engine_resources(gpus: float, tp: int) -> dict:

@@ -66,6 +66,10 @@ class ModelSpec:
     llm_architecture: str  # e.g. "Qwen2ForCausalLM", "InternLM2ForCausalLM", "LlamaForCausalLM"
     torch_dtype: str  # e.g. "bfloat16"
     eos_token: str  # the template's stop token, e.g. "<|im_end|>"
+    # The LLM's KV cache per token (all layers, K and V) and its context length, for sizing an engine's
+    # cache (raylens.engines.kv_cache); None where the config does not say.
+    kv_bytes_per_token: int | None = None
+    max_position_embeddings: int | None = None
 
 
 def image_tokens_per_tile(tile_size: int, patch_size: int, downsample_ratio: float) -> int:
@@ -133,6 +137,23 @@ def _eos_token(template: str, where: str) -> str:
     return TEMPLATES[template].sep
 
 
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _llm_cache_shape(llm: dict[str, Any], dtype: str) -> dict[str, int | None]:
+    """KV bytes per token and context length from an LLM config (Qwen2, InternLM2 and Llama keys)."""
+    try:
+        layers = int(llm["num_hidden_layers"])
+        heads = int(llm["num_attention_heads"])
+        kv_heads = int(llm.get("num_key_value_heads") or heads)
+        head_dim = int(llm.get("head_dim") or int(llm["hidden_size"]) // heads)
+        kv_bytes = 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        kv_bytes = None
+    context = llm.get("max_position_embeddings")
+    return {"kv_bytes_per_token": kv_bytes, "max_position_embeddings": int(context) if context else None}
+
+
 def _original_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
     where = f"{root / 'config.json'}"
     vision = _require(config, "vision_config", where)
@@ -165,6 +186,7 @@ def _original_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
         llm_architecture=llm_architecture,
         torch_dtype=str(dtype),
         eos_token=_eos_token(template, where),
+        **_llm_cache_shape(llm, str(dtype)),
     )
 
 
@@ -219,4 +241,5 @@ def _hf_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
         llm_architecture=llm_architecture,
         torch_dtype=str(dtype),
         eos_token=_eos_token(template, f"{root / SIDECAR_FILE}"),
+        **_llm_cache_shape(text, str(dtype)),
     )

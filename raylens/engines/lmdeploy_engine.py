@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from raylens.checkpoints.formats import read_model_spec
 from raylens.engines.base import SamplingParams, VLRequest, VLResult, format_error
 from raylens.engines.encoding import encode_request
+from raylens.engines.kv_cache import DEFAULT_CACHE_FRACTION, capped_cache_fraction
 from raylens.images import TilingSpec
 from raylens.prompts import ChatTemplate, get_template
 
@@ -58,7 +59,7 @@ class LMDeployEngine:
         *,
         tp: int = 1,
         max_batch_size: int | None = None,
-        cache_max_entry_count: float = 0.8,
+        cache_max_entry_count: float = DEFAULT_CACHE_FRACTION,
         max_prefill_token_num: int = 8192,
         session_len: int | None = None,
         eager_mode: bool = False,
@@ -68,7 +69,10 @@ class LMDeployEngine:
         **config_options: Any,
     ) -> None:
         """Keyword arguments not named here (from `--engine-args`) go to lmdeploy's `PytorchEngineConfig`
-        as they are, e.g. `num_gpu_blocks` or `block_size`; an unknown one fails with lmdeploy's own error."""
+        as they are, e.g. `num_gpu_blocks` or `block_size`; an unknown one fails with lmdeploy's own error.
+
+        `cache_max_entry_count` is an upper bound: it is lowered to what `max_batch_size` full-length
+        sessions can fill (raylens.engines.kv_cache), unless `num_gpu_blocks` fixes the cache size."""
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         from lmdeploy import PytorchEngineConfig
@@ -77,6 +81,9 @@ class LMDeployEngine:
         self.spec = read_model_spec(model_dir)
         self.model_name = model_name or str(model_dir)
         self.template = get_template(self.spec.template)
+        if tp == 1 and not config_options.get("num_gpu_blocks"):
+            cache_max_entry_count = self._usable_cache_fraction(cache_max_entry_count, max_batch_size, session_len)
+        self.cache_max_entry_count = cache_max_entry_count
         config = PytorchEngineConfig(
             tp=tp,
             max_batch_size=max_batch_size,
@@ -111,6 +118,22 @@ class LMDeployEngine:
             self._image_token_id = self._tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
             self._feature_dtype = getattr(torch, self.spec.torch_dtype, torch.bfloat16)
             self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="raylens-prep")
+
+    def _usable_cache_fraction(self, fraction: float, max_batch_size: int | None, session_len: int | None) -> float:
+        """`fraction` capped by the cache this engine can fill, measured on the GPU it will run on."""
+        import torch
+        from lmdeploy.utils import get_max_batch_size
+
+        if not torch.cuda.is_available():
+            return fraction
+        free_bytes, _ = torch.cuda.mem_get_info()
+        return capped_cache_fraction(
+            self.spec.kv_bytes_per_token,
+            max_batch_size=max_batch_size or get_max_batch_size("cuda"),
+            session_len=session_len or self.spec.max_position_embeddings,
+            free_bytes=free_bytes,
+            fraction=fraction,
+        )
 
     def _ensure_started(self) -> None:
         loop = asyncio.get_running_loop()

@@ -68,3 +68,20 @@ def test_engine_args_must_be_a_json_object():
 def test_repeated_prompt_flags_ask_several_prompts():
     cfg = CaptionJobConfig.from_args(["--input", "i", "--output", "o", "--prompt", "a?", "--prompt", "b?"])
     assert cfg.prompt == ["a?", "b?"]
+
+
+def test_engine_options_follow_the_layout():
+    from jobs.caption import engine_options_for
+
+    def options(engine, has_gpus, **flags):
+        return engine_options_for(CaptionJobConfig(input="i", output="o", **flags), engine, has_gpus)
+
+    # a quarter of a GPU: a quarter of lmdeploy's usual 0.8 KV share, so four engines fit on one GPU
+    assert options("lmdeploy", True, gpus_per_replica=0.25) == {"cache_max_entry_count": 0.2}
+    # unless the user chose a share
+    assert options("lmdeploy", True, gpus_per_replica=0.25,
+                   engine_args='{"cache_max_entry_count": 0.3}') == {"cache_max_entry_count": 0.3}
+    assert options("lmdeploy", True, gpus_per_replica=2) == {"tp": 2}
+    assert options("lmdeploy", True) == {}
+    # on a CPU-only cluster the GPU layout means nothing
+    assert options("transformers", False, gpus_per_replica=0.5, batch_size=8) == {"max_batch_size": 8}

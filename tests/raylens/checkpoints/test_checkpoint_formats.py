@@ -40,6 +40,30 @@ def test_spec_of_tiny_checkpoints(tiny_dirs, fmt, llm):
     assert spec.llm_architecture == ARCH[fmt, llm]
     assert spec.torch_dtype == "bfloat16"
     assert spec.eos_token == "<|im_end|>"
+    # 2 layers x 2 KV heads x head_dim 16 (64 / 4 heads) x K and V x 2 bytes (bfloat16)
+    assert (spec.kv_bytes_per_token, spec.max_position_embeddings) == (2 * 2 * 16 * 2 * 2, 4096)
+
+
+@pytest.mark.parametrize("fmt", [FORMAT_ORIGINAL, FORMAT_HF])
+def test_cache_shape_of_real_sizes(tmp_path, tiny_dirs, fmt):
+    """InternVL2-2B's InternLM2-1.8B: 24 layers, 8 KV heads of 128 (hub config.json numbers)."""
+    src = tiny_dirs[fmt, "internlm2"]
+    root = tmp_path / "m"
+    shutil.copytree(src, root)
+    config = json.loads((root / "config.json").read_text())
+    llm = config["llm_config" if fmt == FORMAT_ORIGINAL else "text_config"]
+    llm.update(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, num_hidden_layers=24,
+               max_position_embeddings=32768)
+    if "head_dim" in llm:  # transformers writes it out
+        llm["head_dim"] = 128
+    (root / "config.json").write_text(json.dumps(config))
+    spec = read_model_spec(root)
+    assert spec.kv_bytes_per_token == 2 * 24 * 8 * 128 * 2 == 98304
+    assert spec.max_position_embeddings == 32768
+    del llm["num_key_value_heads"], llm["max_position_embeddings"]  # old configs: MHA, context unknown
+    (root / "config.json").write_text(json.dumps(config))
+    spec = read_model_spec(root)
+    assert (spec.kv_bytes_per_token, spec.max_position_embeddings) == (2 * 24 * 16 * 128 * 2, None)
 
 
 def test_image_tokens_per_tile_matches_internvl2():
