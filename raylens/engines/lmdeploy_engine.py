@@ -50,6 +50,54 @@ def lmdeploy_chat_template(template: ChatTemplate, name: str):
     )
 
 
+def _measure_free_gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.mem_get_info()[0]
+
+
+def free_gpu_memory(tp: int) -> int | None:
+    """Free memory on the GPU the engine's rank 0 will use; None where that GPU cannot be seen.
+
+    With tp > 1 the actor that builds the engine holds no GPU itself: lmdeploy's workers run on the GPUs
+    of the actor's placement group (jobs.caption._tp_placement), so a short task placed there measures."""
+    import torch
+
+    if tp == 1:
+        return _measure_free_gpu_memory() if torch.cuda.is_available() else None
+    import ray
+    from ray.util import get_current_placement_group
+
+    if not ray.is_initialized() or get_current_placement_group() is None:
+        return None
+    probe = ray.remote(num_gpus=0.01, num_cpus=0)(_measure_free_gpu_memory)
+    return ray.get(probe.remote(), timeout=300)
+
+
+def _keep_actor_connected_to_ray() -> None:
+    """Stop lmdeploy's Ray executor (tp > 1) from calling `ray.shutdown()` inside our Ray actor.
+
+    lmdeploy 0.18's `RayContext.shutdown` runs when its engine fails to start or is released, and calls
+    `ray.shutdown()` whenever Ray is initialised. In an actor that cuts the actor's own worker off from
+    Ray: an engine that failed to build then aborted the process ("'Worker' object has no attribute
+    'core_worker'") instead of raising, and Ray Data restarted the actor again and again (seen on 2 GPUs).
+    Inside an actor we keep its placement-group cleanup and skip the shutdown; elsewhere nothing changes."""
+    import ray
+    from lmdeploy.pytorch.ray import RayContext
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    if getattr(RayContext.shutdown, "keeps_ray_connected", False):
+        return
+
+    def shutdown(self) -> None:
+        if self.owned_pg:
+            ray.util.remove_placement_group(self.placement_group)
+
+    shutdown.keeps_ray_connected = True
+    RayContext.shutdown = shutdown
+
+
 class LMDeployEngine:
     """One lmdeploy `VLAsyncEngine` (PyTorch backend) per instance."""
 
@@ -81,8 +129,10 @@ class LMDeployEngine:
         self.spec = read_model_spec(model_dir)
         self.model_name = model_name or str(model_dir)
         self.template = get_template(self.spec.template)
-        if tp == 1 and not config_options.get("num_gpu_blocks"):
-            cache_max_entry_count = self._usable_cache_fraction(cache_max_entry_count, max_batch_size, session_len)
+        if tp > 1:
+            _keep_actor_connected_to_ray()
+        if not config_options.get("num_gpu_blocks"):
+            cache_max_entry_count = self._usable_cache_fraction(cache_max_entry_count, max_batch_size, session_len, tp)
         self.cache_max_entry_count = cache_max_entry_count
         config = PytorchEngineConfig(
             tp=tp,
@@ -119,16 +169,17 @@ class LMDeployEngine:
             self._feature_dtype = getattr(torch, self.spec.torch_dtype, torch.bfloat16)
             self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="raylens-prep")
 
-    def _usable_cache_fraction(self, fraction: float, max_batch_size: int | None, session_len: int | None) -> float:
-        """`fraction` capped by the cache this engine can fill, measured on the GPU it will run on."""
-        import torch
+    def _usable_cache_fraction(self, fraction: float, max_batch_size: int | None, session_len: int | None,
+                               tp: int) -> float:
+        """`fraction` capped by the cache this engine can fill, measured on the GPU rank 0 will run on."""
         from lmdeploy.utils import get_max_batch_size
 
-        if not torch.cuda.is_available():
+        free_bytes = free_gpu_memory(tp)
+        if free_bytes is None:
             return fraction
-        free_bytes, _ = torch.cuda.mem_get_info()
+        kv_bytes = self.spec.kv_bytes_per_token
         return capped_cache_fraction(
-            self.spec.kv_bytes_per_token,
+            kv_bytes // tp if kv_bytes else None,  # each rank caches its share of the KV heads
             max_batch_size=max_batch_size or get_max_batch_size("cuda"),
             session_len=session_len or self.spec.max_position_embeddings,
             free_bytes=free_bytes,
