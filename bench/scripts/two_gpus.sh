@@ -21,9 +21,14 @@ tests)
         --contenders raylens raylens@x2 --timeout 95 --out "$OUT/bench-1b-t12-2gpu.json" 2>&1 | grep -E '^\|'
     keep_logs ;;
 2b)
-    # InternVL2-2B shape: 1 GPU, one engine per GPU, one engine over both GPUs (tp=2), at 1 and 12 tiles.
-    timeout 540 python -m bench.throughput --sizes 2b --tiles 1 12 --images 1024 --images-many-tiles 256 \
-        --contenders raylens raylens@x2 raylens@tp2 --timeout 85 --out "$OUT/bench-2b-2gpu.json" 2>&1 | grep -E '^\|'
+    # InternVL2-2B shape: 1 GPU vs one engine per GPU, at 1 and 12 tiles.
+    timeout 330 python -m bench.throughput --sizes 2b --tiles 1 12 --images 1024 --images-many-tiles 256 \
+        --contenders raylens raylens@x2 --timeout 80 --out "$OUT/bench-2b-2gpu.json" 2>&1 | grep -E '^\|'
     keep_logs ;;
-*) echo "usage: $0 tests|2b" >&2; exit 2 ;;
+tp2)
+    # One engine over both GPUs (lmdeploy tp=2), InternVL2-2B shape, against one engine on one GPU.
+    timeout 400 python -m bench.throughput --sizes 2b --tiles 1 12 --images 1024 --images-many-tiles 256 \
+        --contenders raylens raylens@tp2 --timeout 90 --out "$OUT/bench-2b-tp2.json" 2>&1 | grep -E '^\|'
+    keep_logs ;;
+*) echo "usage: $0 tests|2b|tp2" >&2; exit 2 ;;
 esac

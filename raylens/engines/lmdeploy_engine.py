@@ -18,6 +18,7 @@ raylens imports on machines without CUDA. Facts this relies on (notes/lmdeploy.m
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -29,6 +30,7 @@ from raylens.images import TilingSpec
 from raylens.prompts import ChatTemplate, get_template
 
 PREPROCESS_MODES = ("raylens", "lmdeploy")
+logger = logging.getLogger(__name__)
 
 
 def lmdeploy_chat_template(template: ChatTemplate, name: str):
@@ -59,16 +61,17 @@ def _measure_free_gpu_memory() -> int:
 def free_gpu_memory(tp: int) -> int | None:
     """Free memory on the GPU the engine's rank 0 will use; None where that GPU cannot be seen.
 
-    With tp > 1 the actor that builds the engine holds no GPU itself: lmdeploy's workers run on the GPUs
-    of the actor's placement group (jobs.caption._tp_placement), so a short task placed there measures."""
+    With tp > 1 in the caption job the actor that builds the engine holds no GPU itself: lmdeploy's
+    workers run on the GPUs of the actor's placement group (jobs.caption._tp_placement), so a short task
+    placed there measures."""
     import torch
 
-    if tp == 1:
-        return _measure_free_gpu_memory() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        return _measure_free_gpu_memory()
     import ray
     from ray.util import get_current_placement_group
 
-    if not ray.is_initialized() or get_current_placement_group() is None:
+    if tp == 1 or not ray.is_initialized() or get_current_placement_group() is None:
         return None
     probe = ray.remote(num_gpus=0.01, num_cpus=0)(_measure_free_gpu_memory)
     return ray.get(probe.remote(), timeout=300)
@@ -178,13 +181,15 @@ class LMDeployEngine:
         if free_bytes is None:
             return fraction
         kv_bytes = self.spec.kv_bytes_per_token
-        return capped_cache_fraction(
+        capped = capped_cache_fraction(
             kv_bytes // tp if kv_bytes else None,  # each rank caches its share of the KV heads
             max_batch_size=max_batch_size or get_max_batch_size("cuda"),
             session_len=session_len or self.spec.max_position_embeddings,
             free_bytes=free_bytes,
             fraction=fraction,
         )
+        logger.info("KV cache: %.3f of the %.1f GiB free on the GPU (asked: %.3f)", capped, free_bytes / 2**30, fraction)
+        return capped
 
     def _ensure_started(self) -> None:
         loop = asyncio.get_running_loop()

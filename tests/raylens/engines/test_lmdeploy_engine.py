@@ -29,17 +29,24 @@ def _requests(spec, images: list[bytes], max_tiles: int | None, question: str) -
     return [VLRequest(f"r{i}", question, prepare_image(decode_image(b), tiling), max_tiles=max_tiles) for i, b in enumerate(images)]
 
 
+def _lmdeploy(model_dir: str, images: list[bytes], max_tiles: int | None, question: str, params: SamplingParams,
+              **options):
+    from raylens.engines.lmdeploy_engine import LMDeployEngine
+
+    lm = LMDeployEngine(model_dir, max_batch_size=16, eager_mode=True, **options)
+    try:
+        return asyncio.run(lm.generate(_requests(lm.spec, images, max_tiles, question), params))
+    finally:
+        lm.close()
+
+
 def _both(model_dir: str, images: list[bytes], max_tiles: int | None, question: str = "Describe the image.",
           max_new_tokens: int = 16, preprocess: str = "raylens"):
-    from raylens.engines.lmdeploy_engine import LMDeployEngine
     from raylens.engines.transformers_engine import TransformersEngine
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    lm = LMDeployEngine(model_dir, max_batch_size=16, cache_max_entry_count=0.2, eager_mode=True, preprocess=preprocess)
-    try:
-        lm_results = asyncio.run(lm.generate(_requests(lm.spec, images, max_tiles, question), params))
-    finally:
-        lm.close()
+    lm_results = _lmdeploy(model_dir, images, max_tiles, question, params, preprocess=preprocess,
+                           cache_max_entry_count=0.2)
     hf = TransformersEngine(model_dir, device="cuda", dtype="float32")
     hf_results = asyncio.run(hf.generate(_requests(hf.spec, images, max_tiles, question), params))
     hf.close()
@@ -68,3 +75,17 @@ def test_demo_model_captions_identically_on_both_engines(preprocess):
                    question="Provide a one-sentence caption for the provided image.", preprocess=preprocess)
     assert [r.text for r in lm] == [r.text for r in hf]
     assert all(r.text.startswith("a ") and r.text.endswith("background.") for r in lm), [r.text for r in lm]
+
+
+def test_demo_model_with_tensor_parallelism_captions_like_one_gpu():
+    """tp=2 outside any Ray actor (lmdeploy starts its own Ray); the job's in-actor case is in tests/jobs."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    images = [p.read_bytes() for p in sorted(EXAMPLES.iterdir())]
+    question, params = "Provide a one-sentence caption for the provided image.", SamplingParams(max_new_tokens=16)
+    one = _lmdeploy(str(DEMO_MODEL_DIR), images, None, question, params)
+    two = _lmdeploy(str(DEMO_MODEL_DIR), images, None, question, params, tp=2)
+    assert all(r.error is None for r in two), [r.error for r in two]
+    assert [r.text for r in two] == [r.text for r in one]
