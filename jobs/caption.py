@@ -310,12 +310,12 @@ def _engine_resources(gpus: float, tp: int) -> dict:
 
 
 def _tp_placement(tp: int) -> dict:
-    import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    # Not waited for: Ray Data calls this on its scheduling thread, and the actor waits for its group anyway.
     group = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
-    ray.get(group.ready())
+    logger.info("engine actor with tensor parallelism %d: placement group %s", tp, group.id.hex())
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
 
 
