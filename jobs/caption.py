@@ -245,6 +245,8 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
         # a batch that kills every engine it meets must not loop forever. Its rows become error rows.
         max_task_retries=cfg.engine_retries,
     )
+    if tp > 1:
+        _no_extra_placement_groups(ds.context)
     # A batch that still fails is dropped here and its rows are recorded as errors by the driver
     # (`record_lost_rows`), so the job finishes and no row goes missing.
     ds.context.max_errored_blocks = -1
@@ -310,13 +312,27 @@ def _engine_resources(gpus: float, tp: int) -> dict:
 
 
 def _tp_placement(tp: int) -> dict:
+    """A new placement group for each engine actor Ray Data starts (its `ray_remote_args_fn`).
+
+    Not waited for here: an actor waits for its group anyway, and a group that cannot be placed yet (an
+    autoscaling pool asking for more GPUs than are free) must not stop Ray Data's scheduling. Waiting is
+    what made `--gpus-per-replica 2` hang: Ray Data called this a second time (next function), and that
+    group, which needed two more GPUs, never became ready."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    # Not waited for: Ray Data calls this on its scheduling thread, and the actor waits for its group anyway.
     group = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
     logger.info("engine actor with tensor parallelism %d: placement group %s", tp, group.id.hex())
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+
+def _no_extra_placement_groups(context) -> None:
+    """Ray Data 2.60's high-memory issue detector calls every operator's `ray_remote_args_fn` once more
+    when execution starts, to read a `memory` value, which would create (and leak) one more placement
+    group of `tp` GPUs; on an autoscaling cluster a pending group asks for GPU nodes. The job sets no
+    `memory`, so that detector has nothing to report here: it is left out of this dataset's context."""
+    config = context.issue_detectors_config
+    config.detectors = [d for d in config.detectors if d.__name__ != "HighMemoryIssueDetector"]
 
 
 def _spread() -> dict:

@@ -162,3 +162,34 @@ def test_job_on_gpu_with_lmdeploy_engine(tmp_path, layout, gpus_needed):
     assert all(r["error"] is None and r["text"].endswith("background.") for r in rows.values()), rows
     right = sum(r["text"] == format_caption(*_caption_parts(name)) for name, r in rows.items())
     assert right >= len(rows) - 2, rows  # the demo model's captions, allowing bf16 kernels a near miss
+
+
+TP_JOB = """
+import sys
+import ray
+from ray.util import placement_group_table
+from jobs.caption import run
+
+ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)  # logical GPUs: the job's layout, not CUDA
+rc = run(sys.argv[1:])
+print("RC", rc, "GROUPS", len(placement_group_table()))
+"""
+
+
+def test_tensor_parallel_layout_gets_one_placement_group_per_engine(tmp_path, tiny_checkpoint):
+    """`--gpus-per-replica 2` puts each engine actor in its own group of 2 GPU bundles, and only that: an
+    extra group (Ray Data calls `ray_remote_args_fn` outside actor creation too) used to be waited for
+    and hung the job. Run in a child process with its own Ray, whose 2 GPUs are logical."""
+    from conftest import subprocess_env
+
+    out = tmp_path / "captions"
+    proc = subprocess.run(
+        [sys.executable, "-c", TP_JOB, "--input", str(REPO / "examples" / "images"), "--output", str(out),
+         "--model", str(tiny_checkpoint), "--engine", "fakes:EchoEngine", "--gpus-per-replica", "2",
+         "--batch-size", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env(),
+    )
+    assert "RC 0 GROUPS 1" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == len(list((REPO / "examples" / "images").iterdir()))
+    assert all(r["error"] is None for r in rows.values()), rows
