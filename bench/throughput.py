@@ -71,36 +71,64 @@ def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_di
     return r
 
 
+def _parse_layout(label: str) -> tuple[str, int, int]:
+    """(kind, engines, GPUs per engine) of a contender label; ("", 1, 1) for one without a layout."""
+    if "@" not in label:
+        return "", 1, 1
+    layout = label.split("@", 1)[1]
+    match = re.fullmatch(r"(?:(r|x|tp)([1-9][0-9]*)|x([1-9][0-9]*)tp([1-9][0-9]*))", layout)
+    if match is None:
+        raise ValueError(f"unknown layout {layout!r} in contender {label!r} (use @rN, @xN, @tpN or @xNtpK)")
+    if match[3]:
+        return "xtp", int(match[3]), int(match[4])
+    kind, n = match[1], int(match[2])
+    return kind, (1 if kind == "tp" else n), (n if kind == "tp" else 1)
+
+
 def contender_layout(label: str, engine_options: dict) -> dict:
     """How a raylens label lays engines out on GPUs: `raylens@r2` two engines sharing one GPU, `raylens@x2`
-    two engines on a GPU each, `raylens@tp2` one engine spanning two GPUs (lmdeploy tensor parallelism)."""
-    if "@" not in label:
+    two engines on a GPU each, `raylens@tp2` one engine spanning two GPUs (lmdeploy tensor parallelism),
+    `raylens@x4tp2` four engines of two GPUs each."""
+    kind, engines, gpus = _parse_layout(label)
+    if not kind:
         return {}
-    layout = label.split("@", 1)[1]
-    match = re.fullmatch(r"(r|x|tp)([1-9][0-9]*)", layout)
-    if match is None:
-        raise ValueError(f"unknown layout {layout!r} in contender {label!r} (use @rN, @xN or @tpN)")
-    kind, n = match[1], int(match[2])
     if kind == "r":
-        return dict(replicas=n, gpus_per_replica=round(1 / n, 3),
-                    engine_options={**engine_options, "cache_max_entry_count": round(0.7 / n, 3)})
-    if kind == "x":
-        return dict(replicas=n, gpus_per_replica=1.0)
-    return dict(replicas=1, gpus_per_replica=float(n))
+        return dict(replicas=engines, gpus_per_replica=round(1 / engines, 3),
+                    engine_options={**engine_options, "cache_max_entry_count": round(0.7 / engines, 3)})
+    return dict(replicas=engines, gpus_per_replica=float(gpus))
+
+
+def gpus_used(label: str) -> int:
+    """GPUs a contender occupies (a shared GPU counts once)."""
+    kind, engines, gpus = _parse_layout(label)
+    return 1 if kind in ("", "r") else engines * gpus
+
+
+def _scaling(r: dict, results: list[dict]) -> str:
+    """Speed-up over `raylens` on one GPU (same shape and tiles) and the per-GPU efficiency, for contenders
+    on several GPUs: issue 5's target is 90% of linear."""
+    n = gpus_used(r["contender"])
+    base = next((x for x in results if x["contender"] == "raylens" and x["size"] == r["size"]
+                 and x["max_tiles"] == r["max_tiles"] and x.get("images_per_s")), None)
+    if n == 1 or base is None:
+        return "-"
+    speedup = r["images_per_s"] / base["images_per_s"]
+    return f"{speedup:.2f}x on {n} GPUs ({100 * speedup / n:.0f}%)"
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| size | max tiles | contender | images | images/s | output tok/s | GPU util % | vs pipeline | startup s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| size | max tiles | contender | images | images/s | output tok/s | GPU util % | vs pipeline "
+             "| vs raylens on 1 GPU (efficiency) | startup s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         base = next((x for x in results if x["contender"] == "pipeline" and x["size"] == r["size"]
                      and x["max_tiles"] == r["max_tiles"] and x.get("images_per_s")), None)
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | | failed | | | | |")
+            lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | | failed | | | | | |")
             continue
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
         lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | {r['images']} | {r['images_per_s']} | {r['output_tokens_per_s']} "
-                     f"| {r['gpu_util_mean']} | {ratio} | {r['startup_s']:.0f} |")
+                     f"| {r['gpu_util_mean']} | {ratio} | {_scaling(r, results)} | {r['startup_s']:.0f} |")
     return "\n".join(lines)
 
 

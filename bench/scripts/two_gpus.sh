@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The 1- and 2-GPU runs of docs/benchmarks.md (device kind nvidia-h100-x2), in two calls of under 10 minutes:
+# The 1- and 2-GPU runs of docs/benchmarks.md (device kind nvidia-h100-x2), in calls of under 10 minutes each:
 #   run(command="bash bench/scripts/two_gpus.sh tests", carry=[".devsite"], kind="nvidia-h100-x2")
-#   run(command="bash bench/scripts/two_gpus.sh 2b", carry=[".devsite"], kind="nvidia-h100-x2")
+#   run(command="bash bench/scripts/two_gpus.sh 2b", carry=[".devsite"], kind="nvidia-h100-x2")   # and "... tp2"
 # Results land in $OUT, each contender's whole output in $OUT/logs. Each step has its own time limit so one
 # slow step cannot starve the rest.
 set -u -o pipefail

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.throughput import contender_layout, main
+from bench.throughput import contender_layout, gpus_used, main, table
 
 
 @pytest.mark.slow
@@ -38,5 +38,20 @@ def test_contender_layouts():
     assert contender_layout("raylens@tp2", {}) == {"replicas": 1, "gpus_per_replica": 2.0}
     shared = contender_layout("raylens@r4", {"max_prefill_token_num": 4096})
     assert shared["gpus_per_replica"] == 0.25 and shared["engine_options"]["max_prefill_token_num"] == 4096
-    with pytest.raises(ValueError, match="unknown layout"):
-        contender_layout("raylens@q2", {})
+    assert contender_layout("raylens@x4tp2", {}) == {"replicas": 4, "gpus_per_replica": 2.0}
+    assert [gpus_used(c) for c in ("raylens", "raylens@r4", "raylens@x8", "raylens@tp2", "raylens@x4tp2")] == [1, 1, 8, 2, 8]
+    for bad in ("raylens@q2", "raylens@x0", "raylens@tp2x4"):
+        with pytest.raises(ValueError, match="unknown layout"):
+            contender_layout(bad, {})
+
+
+def test_table_gives_scaling_efficiency_against_one_gpu():
+    def result(contender, ips, size="1b"):
+        return dict(contender=contender, size=size, max_tiles=1, images=100, images_per_s=ips,
+                    output_tokens_per_s=0, gpu_util_mean=0, startup_s=30)
+
+    rows = table([result("raylens", 80.0), result("raylens@x8", 600.0), result("raylens@x4tp2", 320.0),
+                  result("raylens@x2", 150.0, size="2b")]).splitlines()
+    assert "| 7.50x on 8 GPUs (94%) |" in rows[3]
+    assert "| 4.00x on 8 GPUs (50%) |" in rows[4]
+    assert "| 0 | - | - | 30 |" in rows[5]  # no 1-GPU raylens run of the 2B shape: nothing to compare with
