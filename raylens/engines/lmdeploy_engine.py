@@ -136,7 +136,6 @@ class LMDeployEngine:
             _keep_actor_connected_to_ray()
         if not config_options.get("num_gpu_blocks"):
             cache_max_entry_count = self._usable_cache_fraction(cache_max_entry_count, max_batch_size, session_len, tp)
-        self.cache_max_entry_count = cache_max_entry_count
         config = PytorchEngineConfig(
             tp=tp,
             max_batch_size=max_batch_size,
