@@ -79,7 +79,7 @@ def pipeline_overhead(n_images: int = 48) -> dict:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, logging_level="ERROR")
     cfg = CaptionJobConfig(input=str(work / "images"), output=str(work / "out"), model=str(ckpt), engine="transformers",
                            max_tiles=1, max_new_tokens=16, ignore_eos=True, batch_size=16)
     summary = main(setup(cfg))

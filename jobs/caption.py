@@ -377,7 +377,9 @@ def main(plan: JobPlan) -> dict:
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+        # Join a cluster only when told to (`ray job submit` sets RAY_ADDRESS); otherwise start a private
+        # instance: a bare ray.init() joins any Ray already running on the machine and dies with it.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
     from jobs.caption_stages import output_schema
 
     start = time.perf_counter()

@@ -43,7 +43,7 @@ def ray_local():
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     _add_tests_to_worker_path()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")  # never join another Ray on the machine
     yield ray
     ray.shutdown()
 

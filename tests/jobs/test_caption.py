@@ -170,7 +170,7 @@ import ray
 from ray.util import placement_group_table
 from jobs.caption import run
 
-ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)  # logical GPUs: the job's layout, not CUDA
+ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)  # logical GPUs: the job's layout, not CUDA
 rc = run(sys.argv[1:])
 print("RC", rc, "GROUPS", len(placement_group_table()))
 """
