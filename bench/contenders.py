@@ -39,6 +39,7 @@ def run_pipeline(args: dict) -> dict:
     from raylens.prompts import get_template
 
     t0 = time.perf_counter()
+    probe = _PreprocessProbe() if args.get("timeline") else None
     spec = read_model_spec(args["model"])
     pipe = pipeline(
         args["model"],
@@ -62,10 +63,45 @@ def run_pipeline(args: dict) -> dict:
     prompts = [messages(Image.open(p).convert("RGB")) for p in paths]
     outs = pipe(prompts, gen_config=gen)
     steady = time.perf_counter() - t1
+    t_end = time.time()
+    extra = {}
+    if probe is not None:  # lmdeploy's own image preprocessing: during the run, then alone on an idle engine
+        extra["preprocess_during_run_ms"] = probe.summary(wall_start, t_end)
+        encoder = pipe.async_engine.vl_encoder.model
+        for p in paths[:64]:
+            encoder.preprocess(messages(Image.open(p).convert("RGB")))
+        extra["preprocess_alone_ms"] = probe.summary(t_end, time.time())
     pipe.close()
     tokens = sum(o.generate_token_len for o in outs)
     return dict(startup_s=startup, steady_s=steady, images=len(paths), output_tokens=tokens,
-                input_tokens_per_image=outs[0].input_token_len, t_start=wall_start, t_end=time.time())
+                input_tokens_per_image=outs[0].input_token_len, t_start=wall_start, t_end=t_end, **extra)
+
+
+class _PreprocessProbe:
+    """Times every call of lmdeploy's InternVL image preprocessing (tiling + torchvision transforms), to
+    compare its per-image cost while the engine runs with its cost alone (the 1B/2B puzzle, issue 16)."""
+
+    def __init__(self) -> None:
+        from lmdeploy.vl.model.internvl import InternVLVisionModel
+
+        self.calls: list[tuple[float, float]] = []
+        original = InternVLVisionModel.preprocess
+
+        def timed(model, *a, **kw):
+            start = time.time()
+            try:
+                return original(model, *a, **kw)
+            finally:
+                self.calls.append((start, time.time() - start))
+
+        InternVLVisionModel.preprocess = timed
+
+    def summary(self, start: float, end: float) -> dict:
+        ms = sorted(1000 * d for t, d in self.calls if start <= t <= end)
+        if not ms:
+            return {"calls": 0}
+        return {"calls": len(ms), "mean": round(sum(ms) / len(ms), 2), "p50": round(ms[len(ms) // 2], 2),
+                "p90": round(ms[int(len(ms) * 0.9)], 2)}
 
 
 def run_transformers(args: dict) -> dict:
@@ -106,7 +142,7 @@ def run_raylens(args: dict) -> dict:
 
     import ray
 
-    from bench.timed_engine import read_ready_times
+    from bench.timed_engine import read_ready_times, read_timelines
     from jobs.caption import build_dataset, pending_rows, setup
     from jobs.caption_config import CaptionJobConfig
 
@@ -115,7 +151,8 @@ def run_raylens(args: dict) -> dict:
     phases = {"ray_init": round(time.time() - t0, 2)}
     out = tempfile.mkdtemp(prefix="raylens-bench-")
     ready_dir = tempfile.mkdtemp(prefix="raylens-ready-")
-    engine_options = {**args.get("engine_options", {}), "ready_dir": ready_dir, "inner": args.get("engine", "lmdeploy")}
+    engine_options = {**args.get("engine_options", {}), "ready_dir": ready_dir, "inner": args.get("engine", "lmdeploy"),
+                      "timeline": bool(args.get("timeline"))}
     cfg = CaptionJobConfig(
         input=args["images"], output=out, overwrite=True, model=args["model"],
         engine="bench.timed_engine:TimedEngine",
@@ -144,8 +181,11 @@ def run_raylens(args: dict) -> dict:
     first_t, first_rows = marks[0][0], marks[0][1]
     if errors:
         raise RuntimeError(f"{errors} of {images} rows failed; a benchmark counts only captioned images")
+    timelines = [{"samples": [(round(t - t0, 2), *rest) for t, *rest in tl["samples"]],
+                  "batches": [(round(a - t0, 2), round(b - t0, 2), n) for a, b, n in tl["batches"]]}
+                 for tl in read_timelines(ready_dir)]
     return dict(startup_s=first_ready, steady_s=last_output - first_ready, images=images, output_tokens=tokens,
-                engines=engines, phases=phases, first_output_s=first_t, first_to_last_images_per_s=round((images - first_rows) / (last_output - first_t), 2),
+                engines=engines, phases=phases, timelines=timelines, t0=t0, first_output_s=first_t, first_to_last_images_per_s=round((images - first_rows) / (last_output - first_t), 2),
                 t_start=t0 + first_ready, t_end=t0 + last_output)
 
 

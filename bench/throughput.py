@@ -35,7 +35,8 @@ def ensure_checkpoint(root: Path, size: str) -> Path:
     return path
 
 
-def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_dir: Path | None = None) -> dict:
+def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_dir: Path | None = None,
+                  gpu_sample_ms: int = 500, profile_gil: bool = False) -> dict:
     out = workdir / f"{name.replace('@', '-')}-{args['size']}-t{args['max_tiles']}.json"
     label, name = name, name.split("@")[0]
     command = [sys.executable, "-m", "bench.contenders", name, json.dumps(args), str(out)]
@@ -43,8 +44,8 @@ def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_di
         profile_dir.mkdir(parents=True, exist_ok=True)
         trace = profile_dir / f"{label.replace('@', '-')}-{args['size']}-t{args['max_tiles']}.txt"
         command = ["py-spy", "record", "--subprocesses", "--rate", "20", "--format", "raw", "--output", str(trace),
-                   "--", *command]
-    with GpuMonitor() as gpu:
+                   *(["--gil"] if profile_gil else []), "--", *command]
+    with GpuMonitor(interval_ms=gpu_sample_ms) as gpu:
         t = time.perf_counter()
         # Its own session, so that a contender past its time limit goes down with every process it started.
         proc = subprocess.Popen(command,
@@ -67,7 +68,9 @@ def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_di
     r["output_tokens_per_s"] = round(r["output_tokens"] / r["steady_s"], 1) if r["steady_s"] > 0 else None
     r["gpu_util_mean"] = gpu.mean_between(r["t_start"], r["t_end"])
     # Samples of the measured window (seconds from its start), for plots and for reading the GPU's idle gaps.
-    r["gpu_util_samples"] = [(round(t - r["t_start"], 2), u) for t, u in gpu.samples if r["t_start"] <= t <= r["t_end"]][-600:]
+    r["gpu_util_samples"] = [(round(t - r["t_start"], 2), u) for t, u in gpu.samples if r["t_start"] <= t <= r["t_end"]][-3000:]
+    if "t0" in r:  # the whole run on the contender's own clock, start-up included (timelines use it too)
+        r["gpu_util_all"] = [(round(t - r["t0"], 2), u) for t, u in gpu.samples][-6000:]
     return r
 
 
@@ -150,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/tmp/raylens-bench")
     p.add_argument("--timeout", type=int, default=400, help="seconds per contender run")
     p.add_argument("--out", required=True, help="JSON file for the raw results")
+    p.add_argument("--gpu-sample-ms", type=int, default=500, help="GPU utilisation sampling interval")
+    p.add_argument("--timeline", action="store_true", help="raylens contenders record each engine's held requests, "
+                   "lmdeploy scheduler state (running/waiting) every 100 ms and batch arrivals (bench.timed_engine)")
+    p.add_argument("--profile-gil", action="store_true", help="profile only threads holding the GIL (py-spy --gil): "
+                   "who keeps the others waiting")
     p.add_argument("--profile", default=None, help="folder for py-spy profiles (collapsed stacks) of each contender; "
                    "profiled runs are slower, so their figures are not quoted")
     a = p.parse_args(argv)
@@ -166,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             args = dict(size=size, model=str(ckpt), images=str(images), n_images=n, max_tiles=tiles,
                         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
                         gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options),
-                        engine=a.engine, batches_in_flight=a.batches_in_flight)
+                        engine=a.engine, batches_in_flight=a.batches_in_flight, timeline=a.timeline)
             for name in a.contenders:
                 run_args = dict(args, **contender_layout(name, args["engine_options"]))
-                r = run_contender(name, run_args, work, a.timeout, Path(a.profile) if a.profile else None)
+                r = run_contender(name, run_args, work, a.timeout, Path(a.profile) if a.profile else None, a.gpu_sample_ms,
+                                  a.profile_gil)
                 r.update(size=size, max_tiles=tiles, n_images=n, settings=run_args)
-                print(json.dumps({k: v for k, v in r.items() if k not in ("gpu_util_samples", "settings")}), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("gpu_util_samples", "gpu_util_all", "timelines", "settings")}), flush=True)
                 results.append(r)
                 Path(a.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.out).write_text(json.dumps({"results": results, "host": os.uname().nodename}, indent=1))

@@ -1,13 +1,20 @@
-"""An engine that records when it was built, so the benchmark can time the job's steady state.
+"""An engine that records when it was built, and what it was doing afterwards, for the benchmark.
 
 The job's engines live in Ray actors the benchmark cannot reach. Passed as `--engine
 bench.timed_engine:TimedEngine` with `{"ready_dir": DIR, "inner": "lmdeploy"}` in the engine options, each
 engine writes `DIR/engine-<pid>.json` = {"started": t, "ready": t} (wall-clock `time.time()`), then works
 exactly like the `inner` engine. Throughput measured from the first engine's `ready` to the last output includes the
 pipeline's fill and drain but no start-up, which makes it a conservative steady-state figure.
+
+With `"timeline": true` it also samples, every 100 ms, how many requests the engine holds (submitted to
+`generate` and not returned) and, for lmdeploy, its scheduler's running and waiting sequences; and it
+logs each batch's arrival and return. That is what shows whether the GPU idles because the engine has
+nothing queued (the feed) or because queued requests are not yet scheduled (the engine). Written to
+`DIR/timeline-<pid>.json` every second; `read_timelines` collects them.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -18,17 +25,58 @@ from raylens.engines.base import SamplingParams, VLRequest, VLResult
 
 
 class TimedEngine:
-    def __init__(self, model_dir: str, *, ready_dir: str, inner: str = "lmdeploy", **options: Any) -> None:
+    def __init__(self, model_dir: str, *, ready_dir: str, inner: str = "lmdeploy", timeline: bool = False,
+                 **options: Any) -> None:
         from raylens.engines import create_engine
 
         started = time.time()
         self._engine = create_engine(inner, model_dir, **options)
         self.spec, self.model_name = self._engine.spec, self._engine.model_name
-        Path(ready_dir).mkdir(parents=True, exist_ok=True)
+        self._dir = Path(ready_dir)
+        self._dir.mkdir(parents=True, exist_ok=True)
         Path(ready_dir, f"engine-{os.getpid()}.json").write_text(json.dumps({"started": started, "ready": time.time()}))
+        self._timeline = {"samples": [], "batches": []} if timeline else None
+        self._held = 0
+        self._sampler: asyncio.Task | None = None
+
+    def __getattr__(self, name: str):  # tiling(), stream(), ...: whatever the inner engine offers
+        return getattr(self._engine, name)
 
     async def generate(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
-        return await self._engine.generate(requests, params)
+        if self._timeline is None:
+            return await self._engine.generate(requests, params)
+        if self._sampler is None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample())
+        arrived = time.time()
+        self._held += len(requests)
+        try:
+            return await self._engine.generate(requests, params)
+        finally:
+            self._held -= len(requests)
+            self._timeline["batches"].append((round(arrived, 3), round(time.time(), 3), len(requests)))
+
+    def _scheduler(self):
+        """lmdeploy's PyTorch scheduler when the engine runs in this process, else None."""
+        backend = getattr(getattr(self._engine, "_engine", None), "engine", None)
+        return getattr(backend, "scheduler", None)
+
+    async def _sample(self) -> None:
+        path = self._dir / f"timeline-{os.getpid()}.json"
+        last_write = 0.0
+        while True:
+            scheduler = self._scheduler()
+            running = waiting = None
+            if scheduler is not None:
+                try:
+                    running, waiting = scheduler.num_running(), scheduler.num_waiting()
+                except Exception:  # noqa: BLE001 - an lmdeploy internal; the sample just lacks it
+                    pass
+            now = time.time()
+            self._timeline["samples"].append((round(now, 3), self._held, running, waiting))
+            if now - last_write > 1.0:
+                path.write_text(json.dumps(self._timeline))
+                last_write = now
+            await asyncio.sleep(0.1)
 
     def close(self) -> None:
         self._engine.close()
@@ -38,3 +86,8 @@ def read_ready_times(ready_dir: str) -> list[dict]:
     """Every engine's {"started", "ready"} written under `ready_dir`, earliest ready first."""
     found = [json.loads(p.read_text()) for p in Path(ready_dir).glob("engine-*.json")]
     return sorted(found, key=lambda r: r["ready"])
+
+
+def read_timelines(ready_dir: str) -> list[dict]:
+    """Every engine's timeline ({"samples": [(t, held, running, waiting)], "batches": [(in, out, n)]})."""
+    return [json.loads(p.read_text()) for p in sorted(Path(ready_dir).glob("timeline-*.json"))]
