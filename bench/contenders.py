@@ -61,16 +61,26 @@ def run_pipeline(args: dict) -> dict:
     startup = time.perf_counter() - t0
     t1, wall_start = time.perf_counter(), time.time()
     prompts = [messages(Image.open(p).convert("RGB")) for p in paths]
+    if args.get("self_profile"):
+        from bench.self_profile import profile_later
+
+        sp = args["self_profile"]
+        profile_later(sp["dir"], f"pipeline-{args['size']}", sp["after_s"], sp["duration_s"])
     outs = pipe(prompts, gen_config=gen)
     steady = time.perf_counter() - t1
     t_end = time.time()
     extra = {}
     if probe is not None:  # lmdeploy's own image preprocessing: during the run, then alone on an idle engine
         extra["preprocess_during_run_ms"] = probe.summary(wall_start, t_end)
-        encoder = pipe.async_engine.vl_encoder.model
-        for p in paths[:64]:
-            encoder.preprocess(messages(Image.open(p).convert("RGB")))
-        extra["preprocess_alone_ms"] = probe.summary(t_end, time.time())
+        try:
+            encoder = pipe.async_engine.vl_encoder.model
+            for p in paths[:64]:
+                image = Image.open(p).convert("RGB")
+                encoder.preprocess([{"role": "user", "content": [
+                    {"type": "image", "data": image, "max_dynamic_patch": args["max_tiles"]}]}])
+            extra["preprocess_alone_ms"] = probe.summary(t_end, time.time())
+        except Exception as exc:  # noqa: BLE001 - an lmdeploy internal; the figure is then missing, not the run
+            extra["preprocess_alone_ms"] = {"error": f"{type(exc).__name__}: {exc}"}
     pipe.close()
     tokens = sum(o.generate_token_len for o in outs)
     return dict(startup_s=startup, steady_s=steady, images=len(paths), output_tokens=tokens,
@@ -152,7 +162,7 @@ def run_raylens(args: dict) -> dict:
     out = tempfile.mkdtemp(prefix="raylens-bench-")
     ready_dir = tempfile.mkdtemp(prefix="raylens-ready-")
     engine_options = {**args.get("engine_options", {}), "ready_dir": ready_dir, "inner": args.get("engine", "lmdeploy"),
-                      "timeline": bool(args.get("timeline"))}
+                      "timeline": bool(args.get("timeline")), "profile": args.get("self_profile")}
     cfg = CaptionJobConfig(
         input=args["images"], output=out, overwrite=True, model=args["model"],
         engine="bench.timed_engine:TimedEngine",

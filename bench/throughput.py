@@ -60,7 +60,7 @@ def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_di
         wall = time.perf_counter() - t
     log = out.with_suffix(".log")  # the whole output; the JSON keeps only its tail
     log.write_text(stdout + "\n" + stderr)
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not out.exists():  # (py-spy exits 0 whatever its child did)
         return {"contender": label, "error": (stdout[-2000:] + stderr[-4000:]), "wall_s": round(wall, 1), "log": str(log)}
     r = json.loads(out.read_text())
     r.update(contender=label, wall_s=round(wall, 1))
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-sample-ms", type=int, default=500, help="GPU utilisation sampling interval")
     p.add_argument("--timeline", action="store_true", help="raylens contenders record each engine's held requests, "
                    "lmdeploy scheduler state (running/waiting) every 100 ms and batch arrivals (bench.timed_engine)")
+    p.add_argument("--self-profile", default=None, metavar="DIR", help="each engine actor (and the pipeline) "
+                   "py-spies itself for --self-profile-s seconds, --self-profile-after-s after its first batch")
+    p.add_argument("--self-profile-after-s", type=float, default=10.0)
+    p.add_argument("--self-profile-s", type=int, default=15)
     p.add_argument("--profile-gil", action="store_true", help="profile only threads holding the GIL (py-spy --gil): "
                    "who keeps the others waiting")
     p.add_argument("--profile", default=None, help="folder for py-spy profiles (collapsed stacks) of each contender; "
@@ -174,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             args = dict(size=size, model=str(ckpt), images=str(images), n_images=n, max_tiles=tiles,
                         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
                         gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options),
-                        engine=a.engine, batches_in_flight=a.batches_in_flight, timeline=a.timeline)
+                        engine=a.engine, batches_in_flight=a.batches_in_flight, timeline=a.timeline,
+                        self_profile=a.self_profile and {"dir": a.self_profile, "after_s": a.self_profile_after_s,
+                                                         "duration_s": a.self_profile_s})
             for name in a.contenders:
                 run_args = dict(args, **contender_layout(name, args["engine_options"]))
                 r = run_contender(name, run_args, work, a.timeout, Path(a.profile) if a.profile else None, a.gpu_sample_ms,

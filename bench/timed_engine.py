@@ -26,7 +26,9 @@ from raylens.engines.base import SamplingParams, VLRequest, VLResult
 
 class TimedEngine:
     def __init__(self, model_dir: str, *, ready_dir: str, inner: str = "lmdeploy", timeline: bool = False,
-                 **options: Any) -> None:
+                 profile: dict | None = None, **options: Any) -> None:
+        """`profile` = {"dir", "after_s", "duration_s"}: py-spy this actor for a window of its steady state,
+        counted from its first batch (bench/self_profile.py)."""
         from raylens.engines import create_engine
 
         started = time.time()
@@ -38,11 +40,17 @@ class TimedEngine:
         self._timeline = {"samples": [], "batches": []} if timeline else None
         self._held = 0
         self._sampler: asyncio.Task | None = None
+        self._profile = profile
 
     def __getattr__(self, name: str):  # tiling(), stream(), ...: whatever the inner engine offers
         return getattr(self._engine, name)
 
     async def generate(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
+        if self._profile:
+            from bench.self_profile import profile_later
+
+            profile_later(self._profile["dir"], "engine-actor", self._profile["after_s"], self._profile["duration_s"])
+            self._profile = None
         if self._timeline is None:
             return await self._engine.generate(requests, params)
         if self._sampler is None:
