@@ -87,7 +87,7 @@ class JobPlan:
 
 def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPlan:
     """Resolve storage, list inputs, check the output and the model. Raises UsageError on bad input."""
-    from raylens.checkpoints.formats import read_model_spec
+    from raylens.checkpoints.formats import ModelSpec
     from raylens.checkpoints.resolve import resolve_model
 
     env = dict(os.environ if env is None else env)
@@ -112,13 +112,10 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
         raise UsageError(f"cannot write --output {config.output}: {exc}") from None
     model_fs = s3.filesystem() if (config.model or "").startswith("s3://") else None
     model_dir = str(resolve_model(config.model, filesystem=model_fs))
-    spec = read_model_spec(model_dir)
-    tiling = TilingSpec(
-        tile_size=spec.tile_size,
-        min_tiles=spec.min_tiles,
-        max_tiles=config.max_tiles or spec.max_tiles,
-        use_thumbnail=spec.use_thumbnail,
-    )
+    try:
+        tiling = ModelSpec.from_dir(model_dir).tiling(config.max_tiles)
+    except ValueError as exc:  # e.g. --max-tiles below the checkpoint's min tiles
+        raise UsageError(f"--model {config.model or model_dir}: {exc}") from None
     return JobPlan(
         config=config, s3=s3, in_fs=in_fs, in_root=in_root, out_fs=out_fs, out_root=out_root, items=items,
         extra_fields=_extra_fields(items), model_dir=model_dir, model_name=config.model or "raylens-demo",

@@ -17,9 +17,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raylens.prompts import TEMPLATES
+from raylens.prompts import TEMPLATES, ChatTemplate
+
+if TYPE_CHECKING:
+    from raylens.images import TilingSpec
 
 FORMAT_ORIGINAL = "internvl_chat"
 FORMAT_HF = "internvl_hf"
@@ -51,11 +54,12 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything the CPU side (tiling, prompts) and the engines need to know about a checkpoint."""
+    """Everything the CPU side (tiling, prompts) and the engines need to know about a checkpoint, and the
+    settings derived from it (`tiling`, `chat_template`, `system_message`): the one place they are made."""
 
     path: str
     format: str  # FORMAT_ORIGINAL | FORMAT_HF
-    template: str  # "Hermes-2" | "internlm2-chat" | "phi3-chat" (raylens.prompts.TEMPLATES)
+    template: str  # a raylens.prompts.TEMPLATES name, e.g. "Hermes-2", "internlm2-chat", "internvl2_5"
     tile_size: int
     patch_size: int
     downsample_ratio: float
@@ -65,11 +69,53 @@ class ModelSpec:
     use_thumbnail: bool
     llm_architecture: str  # e.g. "Qwen2ForCausalLM", "InternLM2ForCausalLM", "LlamaForCausalLM"
     torch_dtype: str  # e.g. "bfloat16"
-    eos_token: str  # the template's stop token, e.g. "<|im_end|>"
+    eos_token: str  # the template's end-of-turn token, e.g. "<|im_end|>"
     # The LLM's KV cache per token (all layers, K and V) and its context length, for sizing an engine's
     # cache (raylens.engines.kv_cache); None where the config does not say.
     kv_bytes_per_token: int | None = None
     max_position_embeddings: int | None = None
+    # config.json's own `system_message` (InternVL's chat() prefers it to the template's), if any.
+    config_system_message: str | None = None
+    # The template when it is not one of TEMPLATES as registered (e.g. read from a tokenizer's chat_template).
+    template_def: ChatTemplate | None = None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> "ModelSpec":
+        """The spec of a checkpoint directory of either format (JSON only; no remote code runs)."""
+        return read_model_spec(model_dir)
+
+    def tiling(self, max_tiles: int | None = None) -> "TilingSpec":
+        """The checkpoint's tile size, min tiles and thumbnail, with `max_tiles` (when given) in place of its
+        `max_dynamic_patch`. ValueError when max_tiles is below the checkpoint's min tiles."""
+        from raylens.images import TilingSpec
+
+        if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int)):
+            raise ValueError(f"max_tiles must be an int, got {max_tiles!r}")
+        if max_tiles is not None and max_tiles < self.min_tiles:
+            raise ValueError(f"max_tiles {max_tiles} is below this checkpoint's min_dynamic_patch ({self.min_tiles})")
+        return TilingSpec(tile_size=self.tile_size, min_tiles=self.min_tiles,
+                          max_tiles=self.max_tiles if max_tiles is None else max_tiles,
+                          use_thumbnail=self.use_thumbnail)
+
+    def image_tokens(self, num_tiles: int) -> int:
+        """Tokens an image of `num_tiles` tiles (thumbnail included) costs in the prompt."""
+        return num_tiles * self.image_tokens_per_tile
+
+    def chat_template(self) -> ChatTemplate:
+        """The checkpoint's ChatTemplate: its roles, separators and stop words (the one source of stop tokens)."""
+        return self.template_def if self.template_def is not None else TEMPLATES[self.template]
+
+    @property
+    def system_message(self) -> str:
+        """config.json's `system_message` when it has one, else the template's ("" means no system turn)."""
+        if self.config_system_message is not None:
+            return self.config_system_message
+        return self.chat_template().system_message
+
+    @property
+    def max_context(self) -> int | None:
+        """The LLM's context length in tokens (prompt + answer), or None where the config does not say."""
+        return self.max_position_embeddings
 
 
 def image_tokens_per_tile(tile_size: int, patch_size: int, downsample_ratio: float) -> int:
@@ -104,7 +150,8 @@ def detect_format(config: dict[str, Any]) -> str:
 
 
 def read_model_spec(model_dir: str | os.PathLike) -> ModelSpec:
-    """The ModelSpec of a checkpoint directory of either format (JSON only; no remote code runs)."""
+    """The ModelSpec of a checkpoint directory of either format (JSON only; no remote code runs).
+    `ModelSpec.from_dir` is the same function."""
     root = Path(model_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"model directory {root} does not exist")
@@ -134,7 +181,14 @@ def _as_int(value: Any, what: str) -> int:
 def _eos_token(template: str, where: str) -> str:
     if template not in TEMPLATES:
         raise CheckpointError(f"{where}: unknown template {template!r}; known: {sorted(TEMPLATES)}")
-    return TEMPLATES[template].sep
+    return TEMPLATES[template].end_of_turn
+
+
+def _system_message(config: dict[str, Any], where: str) -> str | None:
+    value = config.get("system_message")
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{where}: system_message must be a string, got {type(value).__name__}")
+    return value
 
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -186,6 +240,7 @@ def _original_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
         llm_architecture=llm_architecture,
         torch_dtype=str(dtype),
         eos_token=_eos_token(template, where),
+        config_system_message=_system_message(config, where),
         **_llm_cache_shape(llm, str(dtype)),
     )
 
@@ -241,5 +296,6 @@ def _hf_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
         llm_architecture=llm_architecture,
         torch_dtype=str(dtype),
         eos_token=_eos_token(template, f"{root / SIDECAR_FILE}"),
+        config_system_message=_system_message(sidecar, f"{root / SIDECAR_FILE}"),
         **_llm_cache_shape(text, str(dtype)),
     )

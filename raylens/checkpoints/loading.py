@@ -20,7 +20,7 @@ from transformers.initialization import no_init_weights
 
 from raylens.checkpoints.convert import hf_config_from_original, original_to_hf_state_dict
 from raylens.checkpoints.formats import FORMAT_ORIGINAL, ModelSpec, read_json, read_model_spec
-from raylens.prompts import IMG_CONTEXT, get_template
+from raylens.prompts import IMG_CONTEXT
 
 _EMBED = "model.language_model.embed_tokens.weight"
 _HEAD = "lm_head.weight"
@@ -94,12 +94,20 @@ def _load_original(model_dir: Path, tokenizer, dtype: torch.dtype, device) -> In
     return model
 
 
+def stop_token_ids(tokenizer, spec: ModelSpec) -> list[int]:
+    """Ids of the template's stop words (`spec.chat_template().stop_words`, the one source of stop tokens)
+    in this tokenizer; ValueError when it has none of them."""
+    vocab = tokenizer.get_vocab()
+    template = spec.chat_template()
+    stop_ids = [vocab[w] for w in template.stop_words if w in vocab]
+    if not stop_ids:
+        raise ValueError(f"the tokenizer of {spec.path} has none of the {template.name} stop words {template.stop_words}")
+    return stop_ids
+
+
 def _set_stop_tokens(model, tokenizer, spec: ModelSpec) -> None:
     """Generation stops at the template's stop words, whatever the checkpoint's generation_config says."""
-    vocab = tokenizer.get_vocab()
-    stop_ids = [vocab[w] for w in get_template(spec.template).stop_words if w in vocab]
-    if not stop_ids:
-        raise ValueError(f"the tokenizer of {spec.path} has none of the {spec.template} stop words")
+    stop_ids = stop_token_ids(tokenizer, spec)
     model.generation_config.eos_token_id = stop_ids
     pad = tokenizer.pad_token_id
     model.generation_config.pad_token_id = pad if pad is not None else stop_ids[0]

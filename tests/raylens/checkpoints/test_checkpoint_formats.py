@@ -165,3 +165,48 @@ def test_errors_name_the_missing_thing(tmp_path, tiny_dirs):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="vicuna"):
         read_model_spec(bad)
+
+
+# --------------------------------------------------------------------- settings derived from the spec
+@pytest.mark.parametrize("fmt", [FORMAT_ORIGINAL, FORMAT_HF])
+def test_spec_owns_its_derived_settings(tiny_dirs, fmt):
+    from raylens.checkpoints.formats import ModelSpec
+    from raylens.images import TilingSpec
+    from raylens.prompts import INTERNVL_SYSTEM_MESSAGE, TEMPLATES
+
+    spec = ModelSpec.from_dir(tiny_dirs[fmt, "internlm2"])
+    assert spec == read_model_spec(tiny_dirs[fmt, "internlm2"])
+    assert spec.tiling() == TilingSpec(tile_size=112, min_tiles=1, max_tiles=6, use_thumbnail=True)
+    assert spec.tiling(2) == TilingSpec(tile_size=112, min_tiles=1, max_tiles=2, use_thumbnail=True)
+    assert spec.image_tokens(3) == 48
+    assert spec.chat_template() is TEMPLATES["internlm2-chat"]
+    assert spec.system_message == INTERNVL_SYSTEM_MESSAGE
+    assert spec.max_context == 4096
+
+
+def test_max_tiles_below_the_checkpoints_min_tiles_is_refused(tmp_path, tiny_dirs):
+    ckpt = tmp_path / "orig"
+    shutil.copytree(tiny_dirs[FORMAT_ORIGINAL, "qwen2"], ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["min_dynamic_patch"] = 2
+    (ckpt / "config.json").write_text(json.dumps(config))
+    spec = read_model_spec(ckpt)
+    assert spec.tiling(4).min_tiles == 2
+    with pytest.raises(ValueError, match="below this checkpoint's min_dynamic_patch"):
+        spec.tiling(1)
+    with pytest.raises(ValueError, match="int"):
+        spec.tiling(2.5)
+
+
+def test_config_system_message_wins_over_the_templates(tmp_path, tiny_dirs):
+    """InternVL's chat() uses config.system_message when the config has one (issue 11, item 6)."""
+    ckpt = tmp_path / "orig"
+    shutil.copytree(tiny_dirs[FORMAT_ORIGINAL, "qwen2"], ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["system_message"] = "You caption images."
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert read_model_spec(ckpt).system_message == "You caption images."
+    config["system_message"] = 3
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="system_message"):
+        read_model_spec(ckpt)

@@ -17,7 +17,7 @@ from jobs.train_demo import caption_images
 from raylens.checkpoints.formats import FORMAT_ORIGINAL, read_model_spec
 from raylens.checkpoints.loading import load_hf_model
 from raylens.demo import MODEL_DIR, shapes
-from raylens.images import TilingSpec, decode_image
+from raylens.images import decode_image
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples" / "images"
 HELD_OUT_IMAGES = 120
@@ -34,8 +34,7 @@ def _png_bytes(image) -> bytes:
 def _caption(model, tokenizer, spec, images_bytes) -> list[str]:
     """Greedy captions of encoded images: decoded the way the job decodes them, then captioned by the
     demo trainer's own evaluation (left-padded batches, the default caption prompt, cut at the stop words)."""
-    tiling = TilingSpec(tile_size=spec.tile_size, min_tiles=spec.min_tiles, max_tiles=spec.max_tiles,
-                        use_thumbnail=spec.use_thumbnail)
+    tiling = spec.tiling()
     images = [decode_image(data) for data in images_bytes]
     return caption_images(model, tokenizer, tiling, spec.image_tokens_per_tile, images, batch_size=40)
 
