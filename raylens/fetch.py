@@ -7,10 +7,21 @@ worker forever. :class:`UrlFetcher` applies these rules to every URL *and to eve
 
 * only ``http`` and ``https``; no credentials in the URL (``http://user@host``); no control characters;
 * ``allowed_domains``, when set, is an exact host allowlist (no subdomain wildcards);
-* the host is resolved once with ``getaddrinfo`` and refused if ANY address is not public
-  (loopback, private, link-local incl. metadata, shared/CGNAT, multicast, reserved, unspecified, and
-  IPv6 forms that embed such an IPv4 address: IPv4-mapped, 6to4, NAT64), unless
-  ``allow_private_networks`` (tests and trusted deployments only);
+* the host is resolved once with ``getaddrinfo`` and refused if ANY address is not public, unless
+  ``allow_private_networks`` (tests and trusted deployments only). "Public" is decided by our own
+  tables (:func:`is_public_address`), not by the Python version's ``is_global``: for IPv4, everything
+  outside the special-purpose blocks of RFC 6890 and later (loopback, private, link-local incl.
+  metadata, shared/CGNAT, "this network", IETF protocol assignments, documentation, benchmarking,
+  6to4 relay anycast, multicast, reserved, broadcast); for IPv6, only global unicast ``2000::/3``
+  minus its special-purpose blocks (Teredo and the rest of ``2001::/23``, documentation), plus the
+  forms a host really translates or tunnels to IPv4, which are judged by the IPv4 address inside
+  (IPv4-mapped ``::ffff:0:0/96``, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``, ISATAP interface ids).
+  So IPv4-compatible ``::a.b.c.d``, SIIT ``::ffff:0:a.b.c.d``, local-use NAT64 ``64:ff9b:1::/48``,
+  unique-local, site-local, link-local, multicast and unspecified addresses are all refused, and so
+  is any address with a zone id (``fe80::1%eth0``: only scoped addresses have one). Unusual IPv4
+  spellings (``0x7f.1``, ``2130706433``, ``0177.0.0.1``, ``127.1``, a trailing dot) need no rule
+  of their own: the check judges the address the resolver turned them into, and that address is the
+  one connected to;
 * the connection goes to the vetted address itself, never to the name again (a DNS answer that
   changes between check and connect -- "DNS rebinding" -- cannot slip through), while the request
   carries the original ``Host`` header and, for https, SNI and certificate checks use the host name;
@@ -44,7 +55,19 @@ DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 _CHUNK = 64 * 1024
 # RFC 3986 reserved + unreserved characters and "%": what may stay as is in a request target.
 _SAFE_URL_CHARS = "/?#[]@!$&'()*+,;=-._~:%"
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv4 blocks that are not publicly routable unicast (RFC 6890 registry, RFC 7526, RFC 8190).
+_IPV4_NON_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+))
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix; 64:ff9b:1::/48 is local-use
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+_IPV6_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+# Special-purpose blocks inside 2000::/3 (IETF protocol assignments incl. Teredo 2001::/32, ORCHID and
+# benchmarking; documentation 2001:db8::/32 and 3fff::/20).
+_IPV6_NON_PUBLIC = tuple(ipaddress.ip_network(n) for n in ("2001::/23", "2001:db8::/32", "3fff::/20"))
 
 
 class FetchError(KindError):
@@ -135,6 +158,10 @@ class UrlFetcher:
         if self.allowed_domains is not None and host not in self.allowed_domains:
             raise FetchError("blocked", f"{where}: host {host!r} is not in allowed_domains")
         port = port or (443 if scheme == "https" else 80)
+        if ":" in host and not self.allow_private_networks and not is_public_address(host):
+            # An IPv6 literal, judged as written: a zone id ("fe80::1%25eth0") would otherwise reach
+            # the resolver, which may not even parse it.
+            raise FetchError("blocked", f"{where}: host {host!r} is a non-public address")
         addresses = self._resolve(host, port, where)
         return _Target(url=url, scheme=scheme, host=host, port=port,
                        request_target=_request_target(parts), addresses=addresses)
@@ -217,21 +244,40 @@ class UrlFetcher:
 
 # ---------------------------------------------------------------------------------------- helpers
 def is_public_address(address: str) -> bool:
-    """True only for a globally routable unicast address; IPv6 forms embedding IPv4 are judged by it."""
+    """True only for a globally routable unicast address (see the module docstring for the tables).
+
+    IPv6 forms that reach an IPv4 address are judged by that address; an address with a zone id
+    (``%eth0``) is refused outright. Python's own ``is_global`` must agree too, so a block a newer
+    Python learns about is refused without a change here."""
+    if not isinstance(address, str) or "%" in address:
+        return False
     try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return is_public_address(str(ip.ipv4_mapped))
-        embedded = [ip.sixtofour, *(ip.teredo or ())]
-        if ip in _NAT64:
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        if any(e is not None and not is_public_address(str(e)) for e in embedded):
-            return False
-    # Python's is_global counts multicast as global; a fetch has no business there either.
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip.is_global and not any(ip in net for net in _IPV4_NON_PUBLIC)
+    embedded = _embedded_ipv4(ip)
+    if ip in _IPV4_MAPPED or ip in _NAT64:  # the host connects to the IPv4 address itself
+        return embedded is not None and is_public_address(str(embedded))
+    if ip not in _IPV6_GLOBAL_UNICAST or any(ip in net for net in _IPV6_NON_PUBLIC):
+        return False
+    if embedded is not None and not is_public_address(str(embedded)):  # 6to4, ISATAP
+        return False
     return ip.is_global and not ip.is_multicast
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries in a form that reaches it (mapped, NAT64, 6to4, ISATAP)."""
+    value = int(ip)
+    if ip in _IPV4_MAPPED or ip in _NAT64:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if ip in _SIX_TO_FOUR:
+        return ip.sixtofour
+    # ISATAP interface id (RFC 5214): [00|02|01|03]00:5efe:a.b.c.d in the low 64 bits, any prefix.
+    if (value >> 32) & 0xFCFFFFFF == 0x00005EFE:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return None
 
 
 def _normalize_domains(domains: Iterable[str]) -> frozenset[str]:

@@ -191,12 +191,93 @@ def test_allowlist_is_exact(no_connect):
         assert info.value.kind == "blocked"
 
 
-def test_address_classification():
-    for public in ("8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"):
-        assert is_public_address(public), public
-    for private in ("127.0.0.1", "10.0.0.1", "169.254.169.254", "::1", "::ffff:10.0.0.1", "2002:a00:1::1",
-                    "64:ff9b::7f00:1", "240.0.0.1", "255.255.255.255", "fe80::1%1", "not-an-ip"):
-        assert not is_public_address(private), private
+# Every IPv6 spelling that reaches an IPv4 address, and every special-purpose block, with why it is
+# (not) public. The embedded IPv4 address decides for forms a host really translates or tunnels.
+ADDRESSES = [
+    # IPv4
+    ("8.8.8.8", True, "public"),
+    ("127.0.0.1", False, "loopback"),
+    ("10.0.0.1", False, "private"),
+    ("172.16.5.4", False, "private"),
+    ("192.168.1.1", False, "private"),
+    ("169.254.169.254", False, "link-local: cloud metadata"),
+    ("100.64.0.1", False, "shared address space (CGNAT)"),
+    ("0.1.2.3", False, "'this network' 0/8"),
+    ("192.0.0.8", False, "IETF protocol assignments 192.0.0.0/24"),
+    ("192.0.2.1", False, "documentation"),
+    ("192.88.99.1", False, "6to4 relay anycast (deprecated)"),
+    ("198.18.0.1", False, "benchmarking"),
+    ("224.0.0.1", False, "multicast"),
+    ("240.0.0.1", False, "reserved"),
+    ("255.255.255.255", False, "broadcast"),
+    # IPv6 native
+    ("2606:4700:4700::1111", True, "global unicast"),
+    ("::", False, "unspecified"),
+    ("::1", False, "loopback"),
+    ("fe80::1", False, "link-local"),
+    ("fe80::1%eth0", False, "link-local with a zone id"),
+    ("fe80::1%1", False, "link-local with a numeric zone id"),
+    ("2606:4700:4700::1111%eth0", False, "a zone id makes any address scoped"),
+    ("fec0::1", False, "site-local (deprecated)"),
+    ("fc00::1", False, "unique local"),
+    ("fd12:3456::1", False, "unique local"),
+    ("ff02::1", False, "multicast, link scope"),
+    ("ff0e::1", False, "multicast, global scope"),
+    ("100::1", False, "discard-only"),
+    ("2001:db8::1", False, "documentation"),
+    ("3fff::1", False, "documentation (RFC 9637)"),
+    ("2001:2::1", False, "benchmarking"),
+    ("5f00::1", False, "SRv6 SIDs, not global unicast"),
+    # IPv6 forms that embed IPv4
+    ("::ffff:8.8.8.8", True, "IPv4-mapped, public inside"),
+    ("::ffff:127.0.0.1", False, "IPv4-mapped loopback"),
+    ("::ffff:10.0.0.1", False, "IPv4-mapped private"),
+    ("::127.0.0.1", False, "IPv4-compatible (deprecated, ::/96)"),
+    ("::10.0.0.1", False, "IPv4-compatible private"),
+    ("::8.8.8.8", False, "IPv4-compatible: deprecated, refused whatever it embeds"),
+    ("::ffff:0:127.0.0.1", False, "IPv4-translated (SIIT, ::ffff:0:0:0/96)"),
+    ("64:ff9b::8.8.8.8", True, "NAT64 well-known prefix, public inside"),
+    ("64:ff9b::127.0.0.1", False, "NAT64 well-known prefix, loopback inside"),
+    ("64:ff9b::a9fe:a9fe", False, "NAT64 to the metadata address"),
+    ("64:ff9b:1::808:808", False, "NAT64 local-use prefix 64:ff9b:1::/48 (never global)"),
+    ("64:ff9b:1:7f00:0:100::", False, "NAT64 local-use prefix, loopback inside"),
+    ("2002:808:808::1", True, "6to4, public inside"),
+    ("2002:7f00:1::1", False, "6to4, loopback inside"),
+    ("2002:a00:1::1", False, "6to4, private inside"),
+    ("2002:a9fe:a9fe::1", False, "6to4, metadata inside"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False, "Teredo (2001::/32)"),
+    ("2001:0:7f00:1::1", False, "Teredo, loopback server"),
+    ("2600::5efe:7f00:1", False, "ISATAP interface id, loopback inside"),
+    ("2600::200:5efe:a00:1", False, "ISATAP interface id (u bit), private inside"),
+    ("2600::5efe:808:808", True, "ISATAP interface id, public inside"),
+    ("fe80::5efe:a00:1", False, "ISATAP link-local"),
+    # not addresses
+    ("not-an-ip", False, "not an address"),
+    ("", False, "empty"),
+]
+
+
+@pytest.mark.parametrize("address, public, why", ADDRESSES, ids=[a[0] or "empty" for a in ADDRESSES])
+def test_address_classification(address, public, why):
+    assert is_public_address(address) is public, why
+
+
+# Unusual spellings of 127.0.0.1 and friends: whatever the resolver makes of them is checked.
+@pytest.mark.parametrize("url", [
+    "http://0x7f.1/x", "http://0x7f000001/x", "http://2130706433/x", "http://017700000001/x",
+    "http://0177.0.0.1/x", "http://0177.0.0.01/x", "http://127.1/x", "http://127.0.1/x", "http://127.1./x",
+    "http://127.0.0.1./x", "http://localhost./x", "http://0/x", "http://0.0.0.0./x", "http://0xa9.0xfe.0xa9.0xfe/x",
+    "http://[::127.0.0.1]/x", "http://[::7f00:1]/x", "http://[0:0:0:0:0:0:127.0.0.1]/x", "http://[::ffff:7f00:1]/x",
+    "http://[::ffff:0:127.0.0.1]/x", "http://[64:ff9b::127.0.0.1]/x", "http://[64:ff9b:1::a00:1]/x",
+    "http://[2002:7f00:1::]/x", "http://[2001:0:7f00:1::1]/x", "http://[2600::5efe:7f00:1]/x",
+    "http://[fe80::1%25eth0]/x", "http://[fe80::1%25lo]:8080/x", "http://[fec0::1]/x", "http://[ff0e::1]/x",
+    "http://[::]/x", "http://[0::0]/x",
+])
+def test_unusual_spellings_of_internal_addresses_are_blocked(url, no_connect):
+    with pytest.raises(FetchError) as info:
+        UrlFetcher().fetch(url)
+    assert info.value.kind == "blocked", info.value
+    assert "non-public address" in str(info.value)
 
 
 def test_settings_are_validated_and_the_fetcher_pickles():
