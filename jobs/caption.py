@@ -40,7 +40,7 @@ from jobs.caption_output import (
     write_manifest,
 )
 from raylens.images import TilingSpec
-from raylens.sources import InputItem, iter_inputs
+from raylens.sources import InputItem, ReadRoots, list_inputs
 from raylens.storage import S3Settings, ensure_writable_dir, resolve_filesystem
 
 logger = logging.getLogger("raylens.caption")
@@ -77,6 +77,7 @@ class JobPlan:
     tiling: TilingSpec
     uses_demo_model: bool
     manifest: Manifest
+    read_roots: ReadRoots | None = None  # where manifest rows may read (raylens.sources); None: not a manifest
 
     def shard_of(self, index: int) -> int:
         return index // self.manifest.shard_size
@@ -95,12 +96,13 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
     in_fs, in_root = resolve_filesystem(config.input, s3)
     out_fs, out_root = resolve_filesystem(config.output, s3)
     try:
-        items = list(iter_inputs(in_fs, in_root, image_column=config.image_column,
-                                 question_column=config.question_column))
+        listing = list_inputs(in_fs, in_root, image_column=config.image_column, question_column=config.question_column,
+                              image_roots=config.image_root or ())
     except FileNotFoundError:
         raise UsageError(f"--input {config.input} does not exist") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read --input {config.input}: {exc}") from None
+    items = listing.items
     if not items:
         raise UsageError(f"no image files or manifest rows under --input {config.input}")
     prompts = (f"question column {config.question_column}",) if config.question_column else tuple(config.prompt)
@@ -119,7 +121,7 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
     return JobPlan(
         config=config, s3=s3, in_fs=in_fs, in_root=in_root, out_fs=out_fs, out_root=out_root, items=items,
         extra_fields=_extra_fields(items), model_dir=model_dir, model_name=config.model or "raylens-demo",
-        tiling=tiling, uses_demo_model=config.model is None, manifest=manifest,
+        tiling=tiling, uses_demo_model=config.model is None, manifest=manifest, read_roots=listing.roots,
     )
 
 
@@ -177,7 +179,7 @@ def pending_rows(plan: JobPlan) -> tuple[list[dict], dict[int, int]]:
             key = _extra_name(name)
             extra[key] = str(value) if key in string_columns and value is not None else value
         rows.append({"id": item.id, "image": item.source, "__source": item.source, "__shard": shard,
-                     "__question": item.question, **extra})
+                     "__question": item.question, "__listing_error": item.error, **extra})
         expected[shard] = expected.get(shard, 0) + plan.prompts_per_item()
     return rows, expected
 
@@ -206,7 +208,7 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
         prepare_batch,
         batch_size=cfg.batch_size,  # keeps blocks batch-sized all the way to the engine
         batch_format="pyarrow",
-        fn_kwargs=dict(filesystems=SourceFilesystems.create(plan.s3), fetcher=fetcher, tiling=plan.tiling,
+        fn_kwargs=dict(filesystems=SourceFilesystems.create(plan.s3, roots=plan.read_roots), fetcher=fetcher, tiling=plan.tiling,
                        max_pixels=cfg.max_pixels),
         num_cpus=1,
         # Spread decoding over the cluster's CPUs. Passing the args through a function also keeps Ray

@@ -29,6 +29,7 @@ class CaptionJobConfig:
     image_column: str = _f("image", "manifest column holding each row's image (local path, s3:// URI or http(s) URL)")
     question_column: str | None = _f(None, "manifest column holding each row's own question (VQA); replaces --prompt")
     allowed_domains: str | None = _f(None, "comma-separated hosts that http(s) image URLs may come from (default: any public host)")
+    image_root: list[str] | None = _f(None, "a folder or s3://bucket/prefix that manifest rows may read besides the manifest's own folder; repeatable (default: only the manifest's folder)", action="append")
     shard_size: int = _f(256, "images per output file; the unit of resume")
     # -- what to ask ------------------------------------------------------------------------
     prompt: list[str] = _f(None, "the instruction asked of every image; repeat the flag to ask several (one row each)", action="append")

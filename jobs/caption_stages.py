@@ -4,7 +4,7 @@ Column flow for one image `cats/a.jpg` under `--input /data` (a manifest adds it
 `label`, which every stage carries along untouched):
 
     listing         id: "cats/a.jpg", image: "/data/cats/a.jpg", __source: "/data/cats/a.jpg", __shard: 0,
-                    __question: null, label: "cat"
+                    __question: null, __listing_error: null, label: "cat"
     prepare (CPU)   + __pixels (raw uint8 RGB of the downscaled image), __height, __width, __grid_cols,
                       __grid_rows, num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."), stage
     generate (GPU)  -> one row per (image, prompt): id, prompt_index, image, prompt, text, error, stage,
@@ -30,7 +30,7 @@ from raylens.engines.base import SamplingParams, VLRequest, format_error
 from raylens.errors import KindError
 from raylens.fetch import UrlFetcher
 from raylens.images import PreparedImage, TilingSpec, decode_prepared
-from raylens.sources import SourceFilesystems, read_source
+from raylens.sources import SourceError, SourceFilesystems, read_source
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 # the files of one output would disagree on types.
 LISTING_SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.string()), ("__source", pa.string()), ("__shard", pa.int64()), ("__question", pa.string()),
+    ("__listing_error", pa.string()),  # a manifest row known bad while listing (raylens.sources.InputItem.error)
 ])
 PREPARED_FIELDS = [
     ("__pixels", pa.binary()), ("__height", pa.int32()), ("__width", pa.int32()), ("__grid_cols", pa.int32()),
@@ -89,9 +90,12 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
                   max_pixels: int) -> pa.Table:
     """Read, decode, validate and downscale each image (CPU task). Failures become that row's error."""
     out: dict[str, list] = {name: [] for name, _ in PREPARED_FIELDS}
-    for source in batch.column("__source").to_pylist():
+    listing_errors = batch.column("__listing_error").to_pylist()
+    for source, listing_error in zip(batch.column("__source").to_pylist(), listing_errors):
         stage = "read"
         try:
+            if listing_error is not None:
+                raise SourceError("bad_row", listing_error)
             data = read_source(source, filesystems=filesystems, fetcher=fetcher)
             stage = "decode"
             prepared = decode_prepared(data, tiling, max_pixels=max_pixels)

@@ -3,16 +3,35 @@
 Every read and write in raylens goes through a `pyarrow.fs.FileSystem` object built here and passed
 down explicitly. pyarrow's `S3FileSystem()` ignores `AWS_ENDPOINT_URL(_S3)` on its own (apache/arrow
 #49643), so the endpoint is resolved here, once, from a flag or those variables, and carried along.
+S3 requests that fail transiently (5xx, throttling, dropped connections) are retried by the AWS SDK
+with backoff, `S3Settings.retry_attempts` times in all. A pickled `S3FileSystem` forgets its retry
+strategy (pyarrow 26 leaves it out of `__reduce__`): build filesystems from `S3Settings` where they
+are used rather than shipping them.
+
+Listing a local tree is our own walk, not pyarrow's recursive selector, which follows symbolic links
+without remembering where it has been: `ln -s . loop` listed every image 41 times, and two such links
+made it run forever. The walk (`list_files`) visits each directory once (by device and inode), lists
+each file once (by its path with every link resolved), walks the real tree before anything reached
+through a link, and skips what is not a regular file (FIFOs, devices, sockets) and links that lead
+nowhere or in circles, with a warning naming them. Links are followed, also out of the input: the
+input is the user's own tree. File names that are not valid UTF-8 come back as Python strings with
+surrogate escapes (`os.fsdecode`); callers decide how to name them.
 """
 from __future__ import annotations
 
+import heapq
+import logging
 import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+logger = logging.getLogger(__name__)
+DEFAULT_S3_RETRY_ATTEMPTS = 6
 
 
 @dataclass(frozen=True)
@@ -24,6 +43,7 @@ class S3Settings:
     access_key: str | None = None
     secret_key: str | None = None
     session_token: str | None = None
+    retry_attempts: int = DEFAULT_S3_RETRY_ATTEMPTS  # per request, the first one included
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], endpoint: str | None = None) -> "S3Settings":
@@ -36,7 +56,7 @@ class S3Settings:
         )
 
     def filesystem(self) -> pafs.S3FileSystem:
-        kwargs: dict = {}
+        kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.retry_attempts)}
         if self.endpoint:
             parsed = urlparse(self.endpoint if "://" in self.endpoint else f"https://{self.endpoint}")
             kwargs["endpoint_override"] = parsed.netloc
@@ -67,8 +87,11 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
 
 
 def list_files(fs: pafs.FileSystem, root: str, extensions: Iterable[str]) -> list[str]:
-    """Every file under `root` (recursive) whose lower-cased extension is in `extensions`, sorted."""
+    """Every regular file under `root` (recursive) whose lower-cased extension is in `extensions`, sorted.
+    Local trees are walked by `_walk_local` (see the module docstring); object stores have no links."""
     exts = {e.lower() for e in extensions}
+    if isinstance(fs, pafs.LocalFileSystem):
+        return sorted(_walk_local(root, exts))
     selector = pafs.FileSelector(root, recursive=True)
     found = [
         info.path
@@ -76,6 +99,78 @@ def list_files(fs: pafs.FileSystem, root: str, extensions: Iterable[str]) -> lis
         if info.type == pafs.FileType.File and posixpath.splitext(info.path)[1].lower() in exts
     ]
     return sorted(found)
+
+
+def _walk_local(root: str, exts: set[str]) -> list[str]:
+    """Paths of the regular files under `root` with these extensions: each file once, under the first
+    path that reaches it (the real tree first, then links in sorted order); each directory once.
+
+    Terminates on any tree: a directory is entered only the first time its (device, inode) is seen,
+    and every link met is taken once. Memory grows with the number of distinct directories and files,
+    never with the number of paths that reach them. An unreadable directory raises OSError."""
+    visited_dirs: set[tuple[int, int]] = set()
+    files: dict[str, str] = {}  # real path -> the path it is listed under
+    links: list[str] = []  # a heap: links are followed after the real tree, smallest path first
+
+    def walk(top: str, real_top: str) -> None:
+        stack = [(top, real_top)]
+        while stack:
+            path, real = stack.pop()
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if entry.is_symlink():
+                        heapq.heappush(links, entry.path)
+                    elif entry.is_dir(follow_symlinks=False):
+                        info = entry.stat(follow_symlinks=False)
+                        if _enter(info):
+                            stack.append((entry.path, os.path.join(real, name)))
+                    elif _wanted(name, exts):
+                        if entry.is_file(follow_symlinks=False):
+                            files.setdefault(os.path.join(real, name), entry.path)
+                        else:
+                            logger.warning("skipping %s: not a regular file", readable_name(entry.path))
+
+    def _enter(info: os.stat_result) -> bool:
+        key = (info.st_dev, info.st_ino)
+        if key in visited_dirs:
+            return False
+        visited_dirs.add(key)
+        return True
+
+    _enter(os.stat(root))
+    walk(root, os.path.realpath(root))
+    while links:
+        link = heapq.heappop(links)
+        try:
+            info = os.stat(link)  # follows the link (and any chain of them)
+        except OSError as exc:  # nothing behind it, a cycle of links, no permission
+            if _wanted(link, exts):
+                logger.warning("skipping %s: a link that leads nowhere (%s)", readable_name(link), exc.strerror or exc)
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            if _enter(info):
+                walk(link, os.path.realpath(link))
+        elif _wanted(link, exts):
+            if stat.S_ISREG(info.st_mode):
+                files.setdefault(os.path.realpath(link), link)
+            else:
+                logger.warning("skipping %s: a link to something that is not a regular file", readable_name(link))
+    return list(files.values())
+
+
+def _wanted(name: str, exts: set[str]) -> bool:
+    return posixpath.splitext(name)[1].lower() in exts
+
+
+def has_undecodable_bytes(text: str) -> bool:
+    """A name holding bytes that are not UTF-8 (``os.fsdecode`` made them lone surrogates)."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def readable_name(path: str) -> str:
+    """A path as ids and messages show it: bytes that are not UTF-8 as \\xNN (always valid UTF-8)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if has_undecodable_bytes(path) else path
 
 
 def relative_id(root: str, path: str) -> str:

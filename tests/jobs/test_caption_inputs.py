@@ -66,7 +66,8 @@ def test_manifest_with_questions_and_carried_columns(tmp_path, local_s3, tiny_ch
     manifest = tmp_path / "vqa.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = CaptionJobConfig(input=str(manifest), output=str(tmp_path / "out"), model=str(tiny_checkpoint),
-                           engine="fakes:EchoEngine", question_column="question", batch_size=3, shard_size=4)
+                           engine="fakes:EchoEngine", question_column="question", batch_size=3, shard_size=4,
+                           image_root=[f"s3://{bucket}/pics"])  # the remote image is outside the manifest's folder
     main(setup(cfg, env=_env(local_s3)))
     out = pq.read_table(tmp_path / "out").to_pylist()
     assert [r["id"] for r in out] == [f"vqa.jsonl:{i}" for i in range(len(rows))]

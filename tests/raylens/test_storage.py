@@ -57,3 +57,65 @@ def test_unwritable_dir_raises(tmp_path):
     fs, root = resolve_filesystem(str(blocker / "out"))
     with pytest.raises(OSError):
         ensure_writable_dir(fs, root)
+
+
+# ------------------------------------------------------------------------------- links and odd names
+IMAGES = {".png", ".jpg"}
+
+
+def _ids(root):
+    fs, path = resolve_filesystem(str(root))
+    return [relative_id(path, p) for p in list_files(fs, path, IMAGES)]
+
+
+def test_a_link_to_its_own_folder_lists_each_file_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "sub" / "b.jpg").write_bytes(b"b")
+    os.symlink(".", tmp_path / "loop")  # issue 10: one such link gave 41 rows per image
+    os.symlink("..", tmp_path / "sub" / "up")
+    assert _ids(tmp_path) == ["a.png", "sub/b.jpg"]
+
+
+def test_two_loops_terminate(tmp_path):
+    """Two links to the root made the old listing run forever with growing memory."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.png").write_bytes(b"a")
+    os.symlink(str(tmp_path), tmp_path / "x" / "back")
+    os.symlink("x", tmp_path / "y")
+    os.symlink("../y", tmp_path / "x" / "sideways")
+    assert _ids(tmp_path) == ["x/a.png"]
+
+
+def test_links_reach_files_and_folders_outside_once_each(tmp_path):
+    """Files reached through links are listed once, under the first path that reaches them: real
+    paths before linked ones, then in sorted order. Folders are visited once."""
+    inside, outside = tmp_path / "in", tmp_path / "elsewhere"
+    (inside / "real").mkdir(parents=True)
+    (outside / "deep").mkdir(parents=True)
+    (inside / "real" / "r.png").write_bytes(b"r")
+    (outside / "o.png").write_bytes(b"o")
+    (outside / "deep" / "d.jpg").write_bytes(b"d")
+    os.symlink(outside, inside / "b-link")            # a folder outside the input: followed
+    os.symlink(outside, inside / "a-link")            # the same folder again: visited once, as a-link
+    os.symlink(inside / "real" / "r.png", inside / "0-alias.png")  # a link to a file listed already
+    os.symlink(outside / "o.png", inside / "z-file.png")           # a link to a file outside
+    os.symlink(tmp_path / "nowhere.png", inside / "dangling.png")  # skipped: nothing behind it
+    os.symlink("self.png", inside / "self.png")                    # a link to itself: skipped
+    assert _ids(inside) == ["a-link/deep/d.jpg", "a-link/o.png", "real/r.png"]
+
+
+def test_non_regular_files_are_skipped(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"a")
+    os.mkfifo(tmp_path / "fifo.png")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    os.mkdir(tmp_path / "folder.png")
+    assert _ids(tmp_path) == ["a.png"]
+
+
+def test_non_utf8_names_are_listed_not_crashed_on(tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1, as old archives write it: undecodable as UTF-8
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"), "wb") as f:
+        f.write(b"x")
+    (tmp_path / "b.png").write_bytes(b"b")
+    assert _ids(tmp_path) == ["b.png", name]
