@@ -101,6 +101,29 @@ def _keep_actor_connected_to_ray() -> None:
     RayContext.shutdown = shutdown
 
 
+def _quiet_host_memory_housekeeping(async_engine, trim_every: int) -> None:
+    """Keep Python's garbage collection off the engine's critical path.
+
+    lmdeploy 0.18's PyTorch engine runs `gc.collect()` + `malloc_trim` on its event-loop thread after
+    every 128 finished multimodal sessions (`LMDEPLOY_MULTIMODAL_SESSION_TRIM_COUNT`). A full collection
+    walks every object of the process (Ray, Arrow, torch, the model), so in a Ray actor it held the GIL
+    for 38% of the samples of a GIL profile at 2B / 1 tile and stalled the scheduler every ~1.3 s
+    (docs/benchmarks.md, issue 16). Here the trim runs every `trim_every` sessions instead (0: never), and
+    everything alive once the engine is built (model, libraries) is frozen out of future collections,
+    so the collections that still happen (ours and Python's own) only walk per-request objects.
+    """
+    import gc
+
+    backend = getattr(async_engine, "engine", None)  # the PyTorch Engine when it runs in this process
+    if backend is not None and hasattr(backend, "_multimodal_session_trim_count"):
+        backend._multimodal_session_trim_count = max(0, int(trim_every))
+    else:
+        logger.warning("lmdeploy's engine has no _multimodal_session_trim_count: its periodic gc.collect() "
+                       "stays on (check after an lmdeploy upgrade)")
+    gc.collect()
+    gc.freeze()
+
+
 class LMDeployEngine:
     """One lmdeploy `VLAsyncEngine` (PyTorch backend) per instance."""
 
@@ -117,10 +140,14 @@ class LMDeployEngine:
         model_name: str | None = None,
         preprocess: str = "raylens",
         preprocess_threads: int = 4,
+        memory_trim_every: int = 8192,
         **config_options: Any,
     ) -> None:
         """Keyword arguments not named here (from `--engine-args`) go to lmdeploy's `PytorchEngineConfig`
         as they are, e.g. `num_gpu_blocks` or `block_size`; an unknown one fails with lmdeploy's own error.
+
+        `memory_trim_every`: finished multimodal sessions between lmdeploy's gc.collect()+malloc_trim (its
+        default is 128, which stalled the engine; 0 never trims; see `_quiet_host_memory_housekeeping`).
 
         `cache_max_entry_count` is an upper bound: it is lowered to what `max_batch_size` full-length
         sessions can fill (raylens.engines.kv_cache), unless `num_gpu_blocks` fixes the cache size."""
@@ -158,6 +185,7 @@ class LMDeployEngine:
                 f"lmdeploy refused to start on {model_dir} (exit {exc.code}); its log above says why "
                 "(an original-format checkpoint needs its configuration_*.py files)"
             ) from None
+        _quiet_host_memory_housekeeping(self._engine, memory_trim_every)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.preprocess = preprocess
         if preprocess == "raylens":
