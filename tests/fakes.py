@@ -9,7 +9,7 @@ import asyncio
 import os
 
 from raylens.checkpoints.formats import read_model_spec
-from raylens.engines.base import SamplingParams, VLRequest, VLResult
+from raylens.engines.base import SamplingParams, VLDelta, VLRequest, VLResult
 
 POISON_WIDTH = 13  # an image this wide kills the engine's process
 
@@ -30,6 +30,14 @@ class EchoEngine:
             size = "none" if r.image is None else "x".join(map(str, r.image.original_size))
             out.append(VLResult(r.request_id, f"{r.question} | {size}", num_input_tokens=1, num_output_tokens=1, finish_reason="stop"))
         return out
+
+    async def stream(self, request: VLRequest, params: SamplingParams):
+        """The answer `generate` gives, one word per delta."""
+        [result] = await self.generate([request], params)
+        words = result.text.split(" ")
+        for i, word in enumerate(words):
+            yield VLDelta(request.request_id, word if i == 0 else " " + word, 1, i + 1)
+        yield VLDelta(request.request_id, "", 1, len(words), finish_reason="stop")
 
     def close(self) -> None:
         pass

@@ -10,7 +10,16 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from raylens.engines.base import SamplingParams, VLEngine, VLRequest, VLResult, format_error
+from raylens.engines.base import (
+    EngineDeadError,
+    RequestError,
+    SamplingParams,
+    VLDelta,
+    VLEngine,
+    VLRequest,
+    VLResult,
+    format_error,
+)
 
 ENGINE_NAMES = ("auto", "transformers", "lmdeploy")
 
@@ -47,4 +56,5 @@ def create_engine(name: str, model_dir: str, **options: Any) -> VLEngine:
     return TransformersEngine(model_dir, **options)
 
 
-__all__ = ["SamplingParams", "VLEngine", "VLRequest", "VLResult", "create_engine", "format_error", "resolve_engine_name"]
+__all__ = ["EngineDeadError", "RequestError", "SamplingParams", "VLDelta", "VLEngine", "VLRequest", "VLResult",
+           "create_engine", "format_error", "resolve_engine_name"]

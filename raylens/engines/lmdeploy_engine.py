@@ -4,8 +4,8 @@ Only this module imports lmdeploy, and only inside `LMDeployEngine.__init__`, so
 raylens imports on machines without CUDA. Facts this relies on (notes/lmdeploy.md):
 * the original InternVL2 format needs `trust_remote_code=True`; without its config classes lmdeploy's
   checker calls `exit(1)`, which we turn into a RuntimeError so a Ray actor reports it instead of vanishing;
-* lmdeploy 0.18 has no InternVL2 chat template, so we hand it ours (`ChatTemplateConfig`), built from the
-  same `raylens.prompts` template the transformers engine uses;
+* lmdeploy 0.18 has no InternVL chat template, so we hand it ours (`ChatTemplateConfig`), built from the
+  checkpoint's `raylens.prompts` template and system message, as the transformers engine uses them;
 * an engine is bound to one event loop: it starts lazily on the loop of the first `generate` call, and
   every request of a batch is submitted at once, so continuous batching sees the whole batch (and, with
   several batches in flight in the Ray actor, more than one);
@@ -13,35 +13,52 @@ raylens imports on machines without CUDA. Facts this relies on (notes/lmdeploy.m
   at tens of photos per second. With `preprocess="raylens"` (the default) we hand the engine ready
   inputs instead: token ids from our template and normalised tiles built on a thread pool, attached as
   the `multimodal` entries its InternVL input processor reads (pixel_values, offset, image_tokens,
-  image_token_id). `preprocess="lmdeploy"` sends PIL images through lmdeploy's own path.
+  image_token_id; one entry per image of a conversation). `preprocess="lmdeploy"` sends PIL images
+  through lmdeploy's own path (a comparison mode: it cannot leave out the system turn per request);
+* `stream` and `generate` read the same async output (`raylens.engines.text.AnswerText` makes the text), so
+  a stream adds up to what generate returns. lmdeploy turns stop *words* into every token that contains
+  them, so OpenAI stop strings are matched here on the text, and the request is aborted (closing lmdeploy's
+  generator cancels its session) once one appears;
+* lmdeploy's own `RequestError`s map onto ours: a bad request or one too long for the session is a
+  `RequestError`, an unavailable engine an `EngineDeadError`.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
-from raylens.checkpoints.formats import read_model_spec
-from raylens.engines.base import SamplingParams, VLRequest, VLResult, format_error
+from raylens.checkpoints.formats import ModelSpec
+from raylens.engines.base import (
+    EngineDeadError,
+    RequestError,
+    SamplingParams,
+    VLDelta,
+    VLRequest,
+    VLResult,
+    format_error,
+)
 from raylens.engines.encoding import encode_request
 from raylens.engines.kv_cache import DEFAULT_CACHE_FRACTION, capped_cache_fraction
-from raylens.images import TilingSpec
-from raylens.prompts import ChatTemplate, get_template
+from raylens.engines.text import AnswerText
+from raylens.prompts import IMAGE_PLACEHOLDER, ChatTemplate
 
 PREPROCESS_MODES = ("raylens", "lmdeploy")
 logger = logging.getLogger(__name__)
 
 
-def lmdeploy_chat_template(template: ChatTemplate, name: str):
-    """Our InternVL2 template as an lmdeploy `ChatTemplateConfig` (MPT style: no separator between turns)."""
+def lmdeploy_chat_template(template: ChatTemplate, name: str, system_message: str | None = None):
+    """Our InternVL template as an lmdeploy `ChatTemplateConfig` (MPT style: `sep` closes every turn, no
+    separator besides). `system_message` defaults to the template's; "" means no system turn."""
     from lmdeploy import ChatTemplateConfig
 
     system_prefix = template.system_template.split("{system_message}")[0]
+    message = template.system_message if system_message is None else system_message
     return ChatTemplateConfig(
         model_name=name,
         system=system_prefix,
-        meta_instruction=template.system_message,
+        meta_instruction=message or None,
         eosys=template.sep,
         user=template.user_role,
         eoh=template.sep,
@@ -156,9 +173,9 @@ class LMDeployEngine:
         from lmdeploy import PytorchEngineConfig
         from lmdeploy.serve.core import VLAsyncEngine
 
-        self.spec = read_model_spec(model_dir)
+        self.spec = ModelSpec.from_dir(model_dir)
         self.model_name = model_name or str(model_dir)
-        self.template = get_template(self.spec.template)
+        self.template = self.spec.chat_template()
         if tp > 1:
             _keep_actor_connected_to_ray()
         if not config_options.get("num_gpu_blocks"):
@@ -177,7 +194,8 @@ class LMDeployEngine:
                 str(model_dir),
                 backend="pytorch",
                 backend_config=config,
-                chat_template_config=lmdeploy_chat_template(self.template, f"raylens-{self.template.name}"),
+                chat_template_config=lmdeploy_chat_template(self.template, f"raylens-{self.template.name}",
+                                                            self.spec.system_message),
                 trust_remote_code=True,
             )
         except SystemExit as exc:  # lmdeploy's environment checker exits instead of raising
@@ -193,8 +211,6 @@ class LMDeployEngine:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
-            self._tiling = TilingSpec(tile_size=self.spec.tile_size, min_tiles=self.spec.min_tiles,
-                                      max_tiles=self.spec.max_tiles, use_thumbnail=self.spec.use_thumbnail)
             self._image_token_id = self._tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
             self._feature_dtype = getattr(torch, self.spec.torch_dtype, torch.bfloat16)
             self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="raylens-prep")
@@ -219,6 +235,8 @@ class LMDeployEngine:
         return capped
 
     def _ensure_started(self) -> None:
+        if self._engine is None:
+            raise EngineDeadError("the lmdeploy engine is closed")
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._engine.start_loop(loop, use_async_api=True)
@@ -240,68 +258,140 @@ class LMDeployEngine:
         )
 
     def _messages(self, req: VLRequest) -> list[dict]:
-        content: list[dict] = [{"type": "text", "text": req.question}]
-        if req.image is not None:
-            from PIL import Image
+        """OpenAI-style messages for lmdeploy's own preprocessing. Each user text keeps our placeholders as
+        lmdeploy's `<IMAGE_TOKEN>`, so images land where raylens puts them."""
+        from PIL import Image
 
-            # The grid was chosen upstream from the original size; the canvas we send reproduces it.
-            image = Image.fromarray(req.image.pixels)
-            max_tiles = req.max_tiles or self.spec.max_tiles
-            content.insert(0, {"type": "image_data", "image_data": {"data": image, "max_dynamic_patch": max_tiles}})
-        return [{"role": "user", "content": content}]
+        conversation, images = req.as_conversation()
+        # The grids were chosen upstream from the original sizes; the canvases we send reproduce them.
+        max_tiles = req.max_tiles or self.spec.max_tiles
+        pending = list(images)
+        messages: list[dict] = []
+        if conversation.system is not None:
+            messages.append({"role": "system", "content": conversation.system})
+        for turn in conversation.turns:
+            content: list[dict] = []
+            for image in pending[: turn.num_images]:
+                content.append({"type": "image_data", "image_data": {"data": Image.fromarray(image.pixels),
+                                                                     "max_dynamic_patch": max_tiles}})
+            del pending[: turn.num_images]
+            content.append({"type": "text", "text": turn.user_text().replace(IMAGE_PLACEHOLDER, "<IMAGE_TOKEN>")})
+            messages.append({"role": "user", "content": content})
+            if turn.assistant is not None:
+                messages.append({"role": "assistant", "content": turn.assistant})
+        return messages
 
-    def _ready_inputs(self, req: VLRequest) -> tuple[list[int], list[dict] | None]:
-        """Token ids and the `multimodal` entry lmdeploy's InternVL input processor consumes."""
+    def _ready_inputs(self, req: VLRequest, params: SamplingParams) -> tuple[list[int], list[dict] | None]:
+        """Token ids and the `multimodal` entries (one per image) lmdeploy's InternVL input processor reads."""
         import torch
 
-        enc = encode_request(req, template=self.template, tokenizer=self._tokenizer, tiling=self._tiling,
-                             image_tokens_per_tile=self.spec.image_tokens_per_tile)
+        enc = encode_request(req, spec=self.spec, tokenizer=self._tokenizer, template=self.template)
+        self._check_length(len(enc.input_ids), params)
         if enc.pixel_values is None:
             return enc.input_ids, None
-        pixel_values = torch.from_numpy(enc.pixel_values).to(self._feature_dtype)
-        return enc.input_ids, [dict(pixel_values=pixel_values, offset=enc.image_offset,
-                                    image_tokens=enc.image_tokens, image_token_id=self._image_token_id)]
+        return enc.input_ids, [
+            dict(pixel_values=torch.from_numpy(pixels).to(self._feature_dtype), offset=image.offset,
+                 image_tokens=image.num_tokens, image_token_id=self._image_token_id)
+            for image, pixels in zip(enc.images, enc.image_pixel_values())
+        ]
 
-    async def _prepare(self, req: VLRequest, gen_config):
+    def _check_length(self, n: int, params: SamplingParams) -> None:
+        limit = getattr(self._engine, "session_len", None)
+        if limit and n + params.max_new_tokens > limit:
+            if n >= limit:
+                raise RequestError(f"the prompt is {n} tokens, more than the engine's context of {limit} "
+                                   "(fewer or smaller images, fewer tiles or a shorter conversation)", param="messages")
+            raise RequestError(f"the prompt is {n} tokens and max_new_tokens is {params.max_new_tokens}: "
+                               f"{n + params.max_new_tokens} exceeds the engine's context of {limit} tokens "
+                               f"(at most {limit - n} new tokens fit)", param="max_tokens")
+
+    async def _prepare(self, req: VLRequest, params: SamplingParams, gen_config):
+        """lmdeploy's single-use request for `req`; RequestError for a problem of this request."""
         engine = self._engine
-        if self.preprocess == "lmdeploy":
-            return await engine.preprocess(messages=self._messages(req), session_id=engine.session_mgr.get(), gen_config=gen_config)
-        input_ids, multimodal = await asyncio.get_running_loop().run_in_executor(self._pool, self._ready_inputs, req)
-        prepared = await engine.preprocess(messages=None, input_ids=input_ids, session_id=engine.session_mgr.get(), gen_config=gen_config)
+        try:
+            if self.preprocess == "lmdeploy":
+                prepared = await engine.preprocess(messages=self._messages(req), session_id=engine.session_mgr.get(),
+                                                   gen_config=gen_config)
+                try:
+                    self._check_length(prepared.input_token_len, params)
+                except RequestError:
+                    engine.session_mgr.remove(prepared.session)  # never handed to generate()
+                    raise
+                return prepared
+            input_ids, multimodal = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._ready_inputs, req, params)
+            prepared = await engine.preprocess(messages=None, input_ids=input_ids, session_id=engine.session_mgr.get(),
+                                               gen_config=gen_config)
+        except Exception as exc:
+            mapped = _our_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         if multimodal is not None:
             prepared.inputs["multimodal"] = multimodal
         return prepared
 
-    async def _one(self, req: VLRequest, gen_config) -> VLResult:
-        engine = self._engine
+    async def _deltas(self, req: VLRequest, prepared, params: SamplingParams, stream: bool) -> AsyncIterator[VLDelta]:
+        """Deltas of one prepared request; the last carries finish_reason. With stop strings the output is
+        read token by token even for `generate`, so generation can be cut where one appears."""
+        answer = AnswerText(params.stop)
+        n_in, n_out, text, reason = prepared.input_token_len, 0, "", None
+        outputs = self._engine.generate(prepared, stream_response=stream or bool(params.stop))
         try:
-            prepared = await self._prepare(req, gen_config)
-        except Exception as exc:  # bad input for this request only
+            async for out in outputs:
+                text += out.response
+                n_out, reason = out.generate_token_len, out.finish_reason
+                visible = answer.update(text)
+                if answer.stopped:
+                    break
+                if visible:
+                    yield VLDelta(req.request_id, visible, n_in, n_out)
+        except Exception as exc:  # lmdeploy reports a failed request by raising at the end
+            mapped = _our_error(exc)
+            if isinstance(mapped, EngineDeadError):
+                raise mapped from (None if mapped is exc else exc)
+            yield VLDelta(req.request_id, "", n_in, n_out, finish_reason="error", error=format_error(mapped))
+            return
+        finally:
+            try:
+                await outputs.aclose()  # cancels the session in lmdeploy when we stopped reading early
+            except Exception:  # noqa: BLE001 - the answer is complete either way
+                logger.debug("closing lmdeploy's generator failed", exc_info=True)
+        if answer.stopped:
+            reason = "stop"
+        elif reason not in ("stop", "length"):
+            yield VLDelta(req.request_id, "", n_in, n_out, finish_reason="error",
+                          error=f"EngineError: lmdeploy ended the request with finish_reason={reason}")
+            return
+        yield VLDelta(req.request_id, answer.finish(text), n_in, n_out, finish_reason=reason)
+
+    async def stream(self, request: VLRequest, params: SamplingParams) -> AsyncIterator[VLDelta]:
+        self._ensure_started()
+        prepared = await self._prepare(request, params, self._gen_config(params))
+        async for delta in self._deltas(request, prepared, params, stream=True):
+            yield delta
+
+    async def _one(self, req: VLRequest, params: SamplingParams, gen_config) -> VLResult:
+        try:
+            prepared = await self._prepare(req, params, gen_config)
+        except RequestError as exc:  # bad input for this request only
             return VLResult.failed(req.request_id, exc)
         pieces: list[str] = []
         last = None
-        async for out in engine.generate(prepared, stream_response=False):
-            pieces.append(out.response)
-            last = out
-        if last is None or last.finish_reason in (None, "error", "abort"):
-            reason = None if last is None else last.finish_reason
-            return VLResult(req.request_id, None, finish_reason="error", error=f"EngineError: finish_reason={reason}")
-        return VLResult(
-            req.request_id,
-            "".join(pieces).strip(),
-            num_input_tokens=last.input_token_len,
-            num_output_tokens=last.generate_token_len,
-            finish_reason=last.finish_reason,
-        )
+        async for delta in self._deltas(req, prepared, params, stream=False):
+            pieces.append(delta.text)
+            last = delta
+        return VLResult(req.request_id, None if last.error else "".join(pieces), num_input_tokens=last.num_input_tokens,
+                        num_output_tokens=last.num_output_tokens, finish_reason=last.finish_reason, error=last.error)
 
     async def generate(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
         self._ensure_started()
         gen_config = self._gen_config(params)
-        outcomes = await asyncio.gather(*(self._one(r, gen_config) for r in requests), return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._one(r, params, gen_config) for r in requests), return_exceptions=True)
         results = []
         for req, outcome in zip(requests, outcomes):
             if isinstance(outcome, BaseException):
-                if isinstance(outcome, (asyncio.CancelledError, KeyboardInterrupt)):
+                if isinstance(outcome, (asyncio.CancelledError, KeyboardInterrupt, EngineDeadError)):
                     raise outcome
                 results.append(VLResult(req.request_id, None, finish_reason="error", error=format_error(outcome)))
             else:
@@ -309,6 +399,25 @@ class LMDeployEngine:
         return results
 
     def close(self) -> None:
+        if self._engine is None:
+            return
         if self.preprocess == "raylens":
             self._pool.shutdown(wait=False)
         self._engine.close()
+        self._engine = None
+
+
+# lmdeploy's error codes (serve/core/exceptions.py) that mean the request, not the engine, is at fault.
+_REQUEST_CODES = ("invalid_request", "context_length_exceeded", "unsupported_feature", "preprocess_failed")
+
+
+def _our_error(exc: BaseException) -> BaseException:
+    """lmdeploy's RequestError as ours (or EngineDeadError); any other exception as it is."""
+    code = getattr(getattr(exc, "code", None), "value", None)
+    if code is None or type(exc).__name__ != "RequestError" or isinstance(exc, RequestError):
+        return exc
+    if code == "engine_unavailable":
+        return EngineDeadError(f"lmdeploy: {exc}")
+    if code in _REQUEST_CODES:
+        return RequestError(f"lmdeploy: {exc}", param="messages")
+    return RuntimeError(f"lmdeploy ({code}): {exc}")

@@ -1,23 +1,33 @@
-"""Run InternVL2 with transformers' `InternVLForConditionalGeneration`, on CPU or GPU.
+"""Run InternVL with transformers' `InternVLForConditionalGeneration`, on CPU or GPU.
 
 This is the engine of CPU machines (tests, the embedded demo model) and the reference the lmdeploy engine
 is checked against. Both checkpoint formats load through `raylens.checkpoints.loading` (the original one
-is converted in memory). We build the token stream ourselves (our tiling, our templates), so the
-transformers processor (and its torchvision dependency) is never needed.
+is converted in memory). We build the token stream ourselves (`raylens.engines.encoding`: our tiling, our
+templates), so the transformers processor (and its torchvision dependency) is never needed.
+
+`generate` runs batches (left-padded, similar lengths together); `stream` runs one request's generate in a
+worker thread whose streamer hands each new token to the event loop. Both share one lock, so concurrent
+callers take turns on the model, and both turn tokens into text through `raylens.engines.text.AnswerText`,
+which is why a stream's deltas add up to what `generate` returns.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import AsyncIterator, Sequence
 
 import numpy as np
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
-from raylens.engines.base import SamplingParams, VLRequest, VLResult
+from raylens.engines.base import EngineDeadError, RequestError, SamplingParams, VLDelta, VLRequest, VLResult, format_error
 from raylens.engines.encoding import encode_request, left_padded
+from raylens.engines.text import AnswerText, cut_at_stop
 from raylens.images import TilingSpec
-from raylens.prompts import get_template
+
+# Messages of torch errors after which a CUDA context is unusable: the engine is dead, not the request.
+_FATAL_DEVICE_ERRORS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error")
 
 
 @dataclass
@@ -28,7 +38,7 @@ class _Encoded:
 
 
 class TransformersEngine:
-    """Batched `generate` over our own tiles; one lock so concurrent callers take turns on the model."""
+    """Batched `generate` and per-request `stream` over our own tiles; one lock so callers take turns."""
 
     def __init__(
         self,
@@ -41,7 +51,7 @@ class TransformersEngine:
     ) -> None:
         import torch
 
-        from raylens.checkpoints.loading import load_hf_model
+        from raylens.checkpoints.loading import load_hf_model, stop_token_ids
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,29 +63,22 @@ class TransformersEngine:
         self.dtype = torch_dtype
         self.model_name = model_name or str(model_dir)
         self.max_batch_size = max_batch_size
-        self.template = get_template(self.spec.template)
-        vocab = self.tokenizer.get_vocab()
-        self._stop_ids = [vocab[w] for w in self.template.stop_words if w in vocab]
-        if not self._stop_ids:
-            raise ValueError(f"tokenizer of {model_dir} has none of the stop words {self.template.stop_words}")
+        self.template = self.spec.chat_template()
+        self._stop_ids = stop_token_ids(self.tokenizer, self.spec)
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else self._stop_ids[0]
-        self._max_positions = _max_positions(self.model.config)
+        self._max_positions = _max_positions(self.model.config) or self.spec.max_context
         self._lock = threading.Lock()
 
     def tiling(self, max_tiles: int | None = None) -> TilingSpec:
-        """The checkpoint's tiling, with the caller's `max_tiles` when given."""
-        return TilingSpec(
-            tile_size=self.spec.tile_size,
-            min_tiles=self.spec.min_tiles,
-            max_tiles=max_tiles or self.spec.max_tiles,
-            use_thumbnail=self.spec.use_thumbnail,
-        )
+        """The checkpoint's tiling, with the caller's `max_tiles` when given (`ModelSpec.tiling`)."""
+        return self.spec.tiling(max_tiles)
 
     async def generate(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
         return await asyncio.to_thread(self.generate_sync, requests, params)
 
     def generate_sync(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
+        self._check_open()
         results: list[VLResult | None] = [None] * len(requests)
         encoded: list[_Encoded] = []
         for i, req in enumerate(requests):
@@ -86,33 +89,80 @@ class TransformersEngine:
         # Similar lengths together waste less padding.
         encoded.sort(key=lambda e: len(e.input_ids))
         with self._lock:
+            self._check_open()
             for start in range(0, len(encoded), self.max_batch_size):
                 chunk = encoded[start : start + self.max_batch_size]
                 for enc, result in zip(chunk, self._generate_chunk(chunk, params)):
                     results[enc.index] = VLResult(requests[enc.index].request_id, **result)
         return [r for r in results if r is not None]
 
+    async def stream(self, request: VLRequest, params: SamplingParams) -> AsyncIterator[VLDelta]:
+        """Deltas of one request as its tokens are generated (see the module docstring)."""
+        self._check_open()
+        enc = self._encode(0, request, params)  # RequestError here, before any delta
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        loop.run_in_executor(None, self._stream_worker, enc, params, loop, queue, cancel)
+        answer = AnswerText(params.stop)
+        tokens: list[int] = []
+        n_in = len(enc.input_ids)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:  # generation ended: eos or max_new_tokens
+                    break
+                if isinstance(item, BaseException):
+                    if isinstance(item, EngineDeadError):
+                        raise item
+                    yield VLDelta(request.request_id, "", n_in, len(tokens), finish_reason="error",
+                                  error=format_error(item))
+                    return
+                tokens.append(item)
+                if item in self._stop_ids:
+                    break
+                text = answer.update(self._decode(tokens))
+                if answer.stopped:
+                    cancel.set()
+                    break
+                if text:
+                    yield VLDelta(request.request_id, text, n_in, len(tokens))
+            stopped = answer.stopped or (bool(tokens) and tokens[-1] in self._stop_ids)
+            kept = tokens[:-1] if tokens and tokens[-1] in self._stop_ids else tokens
+            rest = answer.finish(self._decode(kept))
+            yield VLDelta(request.request_id, rest, n_in, len(tokens), finish_reason="stop" if stopped else "length")
+        finally:
+            cancel.set()  # a consumer that stops listening stops the generation too (the worker never raises)
+
     def close(self) -> None:
-        self.model = None
+        with self._lock:
+            self.model = None
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _encode(self, index: int, req: VLRequest, params: SamplingParams) -> _Encoded:
-        enc = encode_request(req, template=self.template, tokenizer=self.tokenizer, tiling=self.tiling(),
-                             image_tokens_per_tile=self.spec.image_tokens_per_tile)
-        input_ids, pixel_values = enc.input_ids, enc.pixel_values
-        needed = len(input_ids) + params.max_new_tokens
-        if self._max_positions and needed > self._max_positions:
-            raise ValueError(
-                f"prompt is {len(input_ids)} tokens and max_new_tokens is {params.max_new_tokens}: "
-                f"{needed} exceeds the model's {self._max_positions} positions (lower --max-tiles)"
-            )
-        return _Encoded(index, input_ids, pixel_values)
+    def _check_open(self) -> None:
+        if self.model is None:
+            raise EngineDeadError("the transformers engine is closed")
 
-    def _generate_chunk(self, chunk: list[_Encoded], params: SamplingParams) -> list[dict]:
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _encode(self, index: int, req: VLRequest, params: SamplingParams) -> _Encoded:
+        enc = encode_request(req, spec=self.spec, tokenizer=self.tokenizer, template=self.template)
+        n = len(enc.input_ids)
+        if self._max_positions and n + params.max_new_tokens > self._max_positions:
+            limit = self._max_positions
+            if n >= limit:
+                raise RequestError(f"the prompt is {n} tokens, more than the model's context of {limit} "
+                                   "(fewer or smaller images, fewer tiles or a shorter conversation)", param="messages")
+            raise RequestError(f"the prompt is {n} tokens and max_new_tokens is {params.max_new_tokens}: "
+                               f"{n + params.max_new_tokens} exceeds the model's context of {limit} tokens "
+                               f"(at most {limit - n} new tokens fit)", param="max_tokens")
+        return _Encoded(index, enc.input_ids, enc.pixel_values)
+
+    def _generate_kwargs(self, chunk: list[_Encoded], params: SamplingParams, stopping=None) -> tuple[dict, int]:
         torch = self._torch
         ids, mask = left_padded([e.input_ids for e in chunk], self._pad_id)
-        width = ids.shape[1]
         kwargs = dict(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -131,24 +181,102 @@ class TransformersEngine:
                 torch.manual_seed(params.seed)
         if params.ignore_eos:
             kwargs["min_new_tokens"] = params.max_new_tokens
-        with torch.inference_mode():
-            out = self.model.generate(**kwargs)
-        new_tokens = out[:, width:].tolist()
-        return [self._finish(e, tokens) for e, tokens in zip(chunk, new_tokens)]
+        if stopping:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
+        return kwargs, ids.shape[1]
 
-    def _finish(self, enc: _Encoded, tokens: list[int]) -> dict:
+    def _run_generate(self, kwargs: dict):
+        torch = self._torch
+        try:
+            with torch.inference_mode():
+                return self.model.generate(**kwargs)
+        except RuntimeError as exc:
+            if any(marker in str(exc) for marker in _FATAL_DEVICE_ERRORS):
+                raise EngineDeadError(f"the model failed on its device and cannot go on: {exc}") from exc
+            raise
+
+    def _generate_chunk(self, chunk: list[_Encoded], params: SamplingParams) -> list[dict]:
+        stopping = None
+        if params.stop:
+            width = max(len(e.input_ids) for e in chunk)
+            stopping = [_StopStrings(self._decode, params.stop, width)]
+        kwargs, width = self._generate_kwargs(chunk, params, stopping)
+        out = self._run_generate(kwargs)
+        new_tokens = out[:, width:].tolist()
+        return [self._finish(e, tokens, params) for e, tokens in zip(chunk, new_tokens)]
+
+    def _finish(self, enc: _Encoded, tokens: list[int], params: SamplingParams) -> dict:
         stop_at = next((i for i, t in enumerate(tokens) if t in self._stop_ids), None)
         kept = tokens if stop_at is None else tokens[:stop_at]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        text = self._decode(kept)
+        answer = AnswerText(params.stop)
+        _, hit = cut_at_stop(text, params.stop)
+        if hit:  # generation stopped on the token that completed the stop string
+            n_out = next(k for k in range(1, len(kept) + 1) if cut_at_stop(self._decode(kept[:k]), params.stop)[1])
+        else:
+            n_out = len(kept) + (0 if stop_at is None else 1)
         return dict(
-            text=text,
+            text=answer.final(text),
             num_input_tokens=len(enc.input_ids),
-            num_output_tokens=len(kept) + (0 if stop_at is None else 1),
-            finish_reason="length" if stop_at is None else "stop",
+            num_output_tokens=n_out,
+            finish_reason="stop" if hit or stop_at is not None else "length",
         )
+
+    def _stream_worker(self, enc: _Encoded, params: SamplingParams, loop, queue: asyncio.Queue,
+                       cancel: threading.Event) -> None:
+        """Runs in a thread: one request's generate, each new token posted to `queue`, then None (or the
+        exception that ended it)."""
+        class _ToLoop(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value) -> None:
+                if not self.prompt_seen:  # generate() first hands the streamer the prompt
+                    self.prompt_seen = True
+                    return
+                for token in value.reshape(-1).tolist():
+                    loop.call_soon_threadsafe(queue.put_nowait, token)
+
+            def end(self) -> None:
+                pass
+
+        outcome: BaseException | None = None
+        try:
+            with self._lock:
+                self._check_open()
+                if not cancel.is_set():
+                    kwargs, _ = self._generate_kwargs([enc], params, [_Cancelled(cancel)])
+                    kwargs["streamer"] = _ToLoop()
+                    self._run_generate(kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            outcome = exc
+        loop.call_soon_threadsafe(queue.put_nowait, outcome)
+
+
+class _StopStrings(StoppingCriteria):
+    """Ends each row of a batch once its generated text holds one of the stop strings."""
+
+    def __init__(self, decode, stop: Sequence[str], prompt_width: int) -> None:
+        self.decode, self.stop, self.prompt_width = decode, tuple(stop), prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = [cut_at_stop(self.decode(row[self.prompt_width :].tolist()), self.stop)[1] for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends a streamed generation when its consumer saw a stop string or went away."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _max_positions(config) -> int | None:
     text = getattr(config, "text_config", None)
     return getattr(text, "max_position_embeddings", None)
-

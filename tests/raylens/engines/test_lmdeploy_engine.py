@@ -13,7 +13,9 @@ import pytest
 
 from raylens.checkpoints.resolve import DEMO_MODEL_DIR
 from raylens.engines.base import SamplingParams, VLRequest
-from raylens.images import TilingSpec, decode_image, prepare_image
+from raylens.conversation import Conversation, Turn
+from raylens.engines.base import RequestError
+from raylens.images import decode_image, prepare_image
 
 from conftest import image_bytes
 
@@ -25,7 +27,7 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "images"
 
 def _requests(spec, images: list[bytes], max_tiles: int | None, question: str) -> list[VLRequest]:
     max_tiles = max_tiles or spec.max_tiles
-    tiling = TilingSpec(tile_size=spec.tile_size, max_tiles=max_tiles, use_thumbnail=spec.use_thumbnail)
+    tiling = spec.tiling(max_tiles)
     return [VLRequest(f"r{i}", question, prepare_image(decode_image(b), tiling), max_tiles=max_tiles) for i, b in enumerate(images)]
 
 
@@ -89,3 +91,78 @@ def test_demo_model_with_tensor_parallelism_captions_like_one_gpu():
     two = _lmdeploy(str(DEMO_MODEL_DIR), images, None, question, params, tp=2)
     assert all(r.error is None for r in two), [r.error for r in two]
     assert [r.text for r in two] == [r.text for r in one]
+
+
+def _chat(spec, max_tiles: int = 4) -> VLRequest:
+    tiling = spec.tiling(max_tiles)
+    images = [prepare_image(decode_image(image_bytes(size, color)), tiling)
+              for size, color in (((64, 48), (200, 30, 30)), ((300, 100), (0, 0, 255)), ((50, 200), (0, 255, 0)))]
+    conversation = Conversation((Turn("What is this?", 1, "a red box"), Turn("Compare <image> with <image>.", 2)))
+    return VLRequest.chat("chat", conversation, images, max_tiles=max_tiles)
+
+
+async def _stream_text(engine, request, params):
+    deltas = [d async for d in engine.stream(request, params)]
+    assert all(d.finish_reason is None for d in deltas[:-1]) and deltas[-1].finish_reason is not None
+    return "".join(d.text for d in deltas), deltas[-1]
+
+
+@pytest.mark.parametrize("preprocess", ["raylens", "lmdeploy"])
+@pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
+def test_lmdeploy_conversations_streams_stops_and_errors(tmp_path, llm, preprocess):
+    """The model-layer contract on lmdeploy: a multi-image multi-turn chat has the transformers engine's
+    prompt length; stream adds up to generate; stop strings cut; a too-long prompt is a RequestError."""
+    from raylens.checkpoints.tiny import write_tiny_checkpoint
+    from raylens.engines.lmdeploy_engine import LMDeployEngine
+    from raylens.engines.transformers_engine import TransformersEngine
+
+    ckpt = str(write_tiny_checkpoint(tmp_path / f"tiny-{llm}", format="internvl_chat", llm=llm, seed=1, max_tiles=4))
+    hf = TransformersEngine(ckpt, device="cuda", dtype="float32")
+    [hf_chat] = asyncio.run(hf.generate([_chat(hf.spec)], SamplingParams(max_new_tokens=8)))
+    hf.close()
+    lm = LMDeployEngine(ckpt, max_batch_size=16, eager_mode=True, cache_max_entry_count=0.2, preprocess=preprocess)
+
+    async def checks():
+        params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+        [chat] = await lm.generate([_chat(lm.spec)], SamplingParams(max_new_tokens=8))
+        assert chat.error is None and chat.num_input_tokens == hf_chat.num_input_tokens
+        req = _requests(lm.spec, [image_bytes((120, 60))], 4, "Describe the image.")[0]
+        [whole] = await lm.generate([req], params)
+        text, last = await _stream_text(lm, req, params)
+        assert text == whole.text and last.num_output_tokens == whole.num_output_tokens == 24
+        stop = next(whole.text[i:i + 2] for i in range(len(whole.text) // 3, len(whole.text) - 2)
+                    if not whole.text[i].isspace())
+        cut_params = SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,))
+        [cut] = await lm.generate([req], cut_params)
+        assert cut.text == whole.text[: whole.text.find(stop)].strip() and cut.finish_reason == "stop"
+        assert cut.num_output_tokens < 24
+        text, last = await _stream_text(lm, req, cut_params)
+        assert (text, last.finish_reason) == (cut.text, "stop")
+        with pytest.raises(RequestError):
+            await _stream_text(lm, VLRequest("long", "word " * 5000), SamplingParams(max_new_tokens=4))
+        [too_long] = await lm.generate([VLRequest("long", "word " * 5000)], SamplingParams(max_new_tokens=4))
+        assert too_long.error.startswith("RequestError")
+
+    try:
+        asyncio.run(checks())
+    finally:
+        lm.close()
+
+
+def test_demo_model_stops_where_the_transformers_engine_stops():
+    from raylens.engines.lmdeploy_engine import LMDeployEngine
+    from raylens.engines.transformers_engine import TransformersEngine
+
+    images = [p.read_bytes() for p in sorted(EXAMPLES.iterdir())]
+    question = "Provide a one-sentence caption for the provided image."
+    params = SamplingParams(max_new_tokens=32, stop=(" on ",))
+    hf = TransformersEngine(str(DEMO_MODEL_DIR), device="cuda", dtype="float32")
+    expected = asyncio.run(hf.generate(_requests(hf.spec, images, None, question), params))
+    hf.close()
+    lm = LMDeployEngine(str(DEMO_MODEL_DIR), max_batch_size=16, eager_mode=True, cache_max_entry_count=0.2)
+    try:
+        got = asyncio.run(lm.generate(_requests(lm.spec, images, None, question), params))
+    finally:
+        lm.close()
+    assert [r.text for r in got] == [r.text for r in expected]
+    assert all(r.finish_reason == "stop" and " on " not in r.text for r in got)
