@@ -1,0 +1,1 @@
+"""Deployment files that are code: the KubeRay manifest generator (deploy/kuberay/generate.py)."""
