@@ -64,7 +64,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        # With unions (content: str | list of parts) the deepest error is the one that says what is wrong.
+        first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
         param = validation_param(first.get("loc", ()))
         raise bad_request(f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param,
                           code="invalid_type") from None

@@ -129,8 +129,7 @@ class ChatIngress:
             state.update(status=200, prompt=response.usage.prompt_tokens, completion=response.usage.completion_tokens)
             return JSONResponse(response.model_dump())
         except Exception as exc:  # noqa: BLE001
-            if deltas is not None:
-                deltas.cancel()
+            _cancel_quietly(deltas)
             response = self._error(exc)
             state["status"] = response.status_code
             return response
@@ -211,10 +210,21 @@ class ChatIngress:
                                          error_body=lambda exc: to_api_error(exc).body()):
                 yield line
         finally:
-            handle_stream.cancel()  # the client went away, or the stream ended: stop the model's work
+            _cancel_quietly(handle_stream)  # the client went away, or the stream ended: stop the model's work
 
 
 async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
     yield first
     async for item in rest:
         yield item
+
+
+def _cancel_quietly(deltas) -> None:
+    """Stop the model's work on a request that is no longer listened to. Cancelling a request the router
+    refused (backpressure) raises that refusal again: it is already being answered, so it is dropped."""
+    if deltas is None:
+        return
+    try:
+        deltas.cancel()
+    except Exception:  # noqa: BLE001
+        pass

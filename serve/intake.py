@@ -35,7 +35,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 class ImageIntake:
     """Loads the images of requests under one config; holds a thread pool and the filesystems it needs."""
 
-    def __init__(self, config: ServeConfig, spec) -> None:
+    def __init__(self, config: ServeConfig, spec, *, s3_filesystem=None) -> None:
+        """`s3_filesystem`: the pyarrow filesystem for s3:// images (default: built from the environment's
+        AWS_* settings and `config.s3_endpoint` on first use)."""
         self.config = config
         self.spec = spec
         self.fetcher = UrlFetcher(
@@ -47,7 +49,7 @@ class ImageIntake:
             user_agent="raylens-serve/0.1",
         )
         self._pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="raylens-intake")
-        self._s3 = None
+        self._s3 = s3_filesystem
 
     async def load(self, refs: Sequence[ImageRef]) -> list[PreparedImage]:
         """All images of one request, concurrently; the first failure (in request order) is raised."""
