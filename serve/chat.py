@@ -244,4 +244,5 @@ def sampling_params(req: ChatCompletionRequest, config: ServeConfig) -> Sampling
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if len(stop) > MAX_STOP_STRINGS or not all(stop):
         raise bad_request(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
-    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed, stop=stop)
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed, stop=stop,
+                          ignore_eos=bool(req.ignore_eos))

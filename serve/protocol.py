@@ -1,7 +1,7 @@
 """The OpenAI chat-completions wire format: requests as clients send them, responses as clients read them.
 
 Fields follow the order of OpenAI's API reference, so a reader can check them against it. What raylens
-adds (`max_tiles`) is fenced off at the end of the request. Unknown request fields are ignored, as the
+adds (`max_tiles`, `ignore_eos`) is fenced off at the end of the request. Unknown request fields are ignored, as the
 official client sends new ones over time; a known field of the wrong type, or a value raylens cannot
 honour (n > 1, logprobs, tools), is a 400 that names the field (see `serve.chat.sampling_params`).
 """
@@ -70,6 +70,7 @@ class ChatCompletionRequest(_Request):
     user: str | None = None
     # -- raylens extensions (not in OpenAI's API) ---------------------------------------------
     max_tiles: int | None = None  # tiles per image (+ thumbnail), at most the server's max_tiles
+    ignore_eos: bool | None = None  # always generate max_tokens tokens (benchmarks; lmdeploy's api_server has it too)
 
 
 # ------------------------------------------------------------------------------------------ response

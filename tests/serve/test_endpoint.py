@@ -375,3 +375,19 @@ def test_overload_gives_503s_at_once_and_the_replica_recovers(endpoint):
     assert _replica_rss("ChatIngress") < rss_before + 150 * 2**20  # nothing piled up in the ingress
     after = httpx.post(url, json=body, timeout=60)
     assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"]
+
+
+# ----------------------------------------------------------------------------------------- bench
+def test_load_benchmark_quick_mode_runs_against_the_endpoint(endpoint, tmp_path):
+    """bench/serve_load.py's CPU smoke, so the GPU script cannot rot between GPU sessions."""
+    from bench.serve_load import main
+
+    results = main(["--quick", "--url", endpoint, "--api-key", KEY, "--out", str(tmp_path / "r.json"),
+                    "--workdir", str(tmp_path / "work")])
+    levels = results["contenders"]["endpoint"]["levels"]
+    assert [row["concurrency"] for row in levels] == [1, 2]
+    for row in levels:
+        assert row["ok"] >= row["concurrency"] and not row["failures"]
+        assert row["mean_output_tokens"] == 4  # ignore_eos: exactly max_tokens
+        assert row["ttft_p50_s"] is not None and row["ttft_p50_s"] <= row["latency_p50_s"]
+    assert json.loads((tmp_path / "r.json").read_text())["contenders"]["endpoint"]["levels"] == levels
