@@ -7,6 +7,7 @@ Every contender captions the same JPEG files with the same checkpoint, prompt an
   t_start/t_end  the measured part in wall-clock time (`time.time()`), to match GPU-utilisation samples
 Contenders:
   pipeline       what a user writes with lmdeploy: `pipe([...all prompts...])` on PIL images
+  pipeline-1thread  the same with `torch.set_num_threads(1)` (evidence for the 1B puzzle, not a contender)
   transformers   what a user writes with transformers: batched `generate` over our own tiles
   raylens        the batch job's Ray Data pipeline (CPU tasks + lmdeploy engine actors); steady state runs
                  from the moment the first engine is built (warm-up done) to the last output, so it
@@ -48,6 +49,10 @@ def run_pipeline(args: dict) -> dict:
         trust_remote_code=True,
     )
     gen = GenerationConfig(max_new_tokens=args["max_new_tokens"], ignore_eos=True, do_sample=False)
+    if args.get("single_thread"):  # what `torch.set_num_threads(1)` does to lmdeploy's preprocessing (issue 16)
+        import torch
+
+        torch.set_num_threads(1)
 
     def messages(image):
         return [{"role": "user", "content": [
@@ -66,7 +71,13 @@ def run_pipeline(args: dict) -> dict:
 
         sp = args["self_profile"]
         profile_later(sp["dir"], f"pipeline-{args['size']}", sp["after_s"], sp["duration_s"])
-    outs = pipe(prompts, gen_config=gen)
+    if args.get("workload") == "mixed":  # each image's own answer length, as the raylens contender gets
+        from bench.data import output_length
+
+        gens = [GenerationConfig(max_new_tokens=output_length(p.name), ignore_eos=True, do_sample=False) for p in paths]
+        outs = pipe(prompts, gen_config=gens)
+    else:
+        outs = pipe(prompts, gen_config=gen)
     steady = time.perf_counter() - t1
     t_end = time.time()
     extra = {}
@@ -162,7 +173,8 @@ def run_raylens(args: dict) -> dict:
     out = tempfile.mkdtemp(prefix="raylens-bench-")
     ready_dir = tempfile.mkdtemp(prefix="raylens-ready-")
     engine_options = {**args.get("engine_options", {}), "ready_dir": ready_dir, "inner": args.get("engine", "lmdeploy"),
-                      "timeline": bool(args.get("timeline")), "profile": args.get("self_profile")}
+                      "timeline": bool(args.get("timeline")), "profile": args.get("self_profile"),
+                      "vary_output": args.get("workload") == "mixed"}
     cfg = CaptionJobConfig(
         input=args["images"], output=out, overwrite=True, model=args["model"],
         engine="bench.timed_engine:TimedEngine",
@@ -204,8 +216,15 @@ def run_raylens_lmdeploy_preprocess(args: dict) -> dict:
     return run_raylens({**args, "engine_options": {**args.get("engine_options", {}), "preprocess": "lmdeploy"}})
 
 
+def run_pipeline_single_thread(args: dict) -> dict:
+    """The pipeline with torch's CPU ops on one thread: isolates the straggler effect on lmdeploy's image
+    preprocessing (docs/benchmarks.md, "The 1B puzzle")."""
+    return run_pipeline({**args, "single_thread": True})
+
+
 CONTENDERS = {
     "pipeline": run_pipeline,
+    "pipeline-1thread": run_pipeline_single_thread,
     "transformers": run_transformers,
     "raylens": run_raylens,
     "raylens-lmdeploy-prep": run_raylens_lmdeploy_preprocess,

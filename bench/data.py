@@ -24,3 +24,54 @@ def write_images(out_dir: str | Path, n: int, size: tuple[int, int] = (640, 480)
             Image.fromarray(pixels).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+# A user's data, roughly: thumbnails, web images, phone photos and 12-megapixel camera photos, in
+# landscape and portrait (share, (width, height) choices). Used by `bench.throughput --workload mixed`.
+MIXED_SIZES = (
+    (0.25, ((128, 96), (160, 120), (320, 240), (240, 320))),
+    (0.35, ((640, 480), (800, 600), (1024, 768), (1280, 720), (960, 1280))),
+    (0.25, ((1920, 1080), (2048, 1536), (1536, 2048))),
+    (0.15, ((4000, 3000), (3000, 4000))),
+)
+OUTPUT_LENGTHS = (8, 128)
+
+
+def mixed_size(i: int, seed: int = 0) -> tuple[int, int]:
+    """The size of image `i` of the mixed set (deterministic)."""
+    rng = np.random.default_rng([seed, i])
+    shares = np.array([share for share, _ in MIXED_SIZES])
+    group = MIXED_SIZES[int(rng.choice(len(MIXED_SIZES), p=shares / shares.sum()))][1]
+    return group[int(rng.integers(len(group)))]
+
+
+def output_length(name: str) -> int:
+    """Tokens to generate for the image named `name` in the mixed workload: uniform over 8..128, the same
+    for every contender (a random-weight model never stops by itself, so each request's length is set)."""
+    import zlib
+
+    lo, hi = OUTPUT_LENGTHS
+    return lo + zlib.crc32(Path(name).name.encode()) % (hi - lo + 1)
+
+
+def _write_mixed(args: tuple[Path, int, int]) -> Path:
+    path, i, seed = args
+    if not path.exists():
+        w, h = mixed_size(i, seed)
+        rng = np.random.default_rng([seed, i, 1])
+        base = rng.integers(0, 256, size=(-(-h // 16), -(-w // 16), 3), dtype=np.uint8)
+        pixels = np.kron(base, np.ones((16, 16, 1), dtype=np.uint8))[:h, :w]
+        pixels = pixels // 2 + rng.integers(0, 64, size=(h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def write_mixed_images(out_dir: str | Path, n: int, seed: int = 0, processes: int | None = None) -> list[Path]:
+    """N JPEGs of `MIXED_SIZES` (textured, so decoding costs what a photo costs), written in parallel."""
+    from multiprocessing import Pool
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(out / f"mix_{i:06d}.jpg", i, seed) for i in range(n)]
+    with Pool(processes) as pool:
+        return pool.map(_write_mixed, jobs)

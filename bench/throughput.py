@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.data import write_images
+from bench.bound import Shapes, flops_per_image, measure_bf16_tflops
+from bench.data import OUTPUT_LENGTHS, output_length, write_images, write_mixed_images
 from bench.gpu_monitor import GpuMonitor
 
 
@@ -33,6 +34,42 @@ def ensure_checkpoint(root: Path, size: str) -> Path:
         write_tiny_checkpoint(path, format="internvl_chat", size=size, llm=llm, seed=0, max_tiles=12)
         print(f"wrote {path} in {time.perf_counter() - t:.1f}s", flush=True)
     return path
+
+
+def workload_bound(model_dir: Path, images: Path, n: int, max_tiles: int, new_tokens: int | None,
+                   tflops: float | None) -> dict:
+    """Mean matmul FLOPs per image of this workload (tiles from each image's size, its answer length) and
+    the images/s that `tflops` allows (bench/bound.py); the prompt's text tokens counted with the model's
+    own tokenizer and template."""
+    from PIL import Image
+
+    from raylens.checkpoints.formats import read_model_spec
+    from raylens.images import find_grid, num_tiles_for
+
+    spec = read_model_spec(model_dir)
+    tiling = spec.tiling(max_tiles)
+    shapes = Shapes.from_dir(model_dir)
+    text = _prompt_text_tokens(model_dir, spec)
+    flops = []
+    for path in sorted(images.glob("*.jpg"))[:n]:
+        with Image.open(path) as im:
+            tiles = num_tiles_for(find_grid(*im.size, tiling), tiling)
+        flops.append(flops_per_image(shapes, tiles=tiles, text_tokens=text,
+                                     new_tokens=new_tokens or output_length(path.name)))
+    mean = sum(flops) / len(flops)
+    return {"flops_per_image": mean, "bound_images_per_s": round(tflops * 1e12 / mean, 1) if tflops else None}
+
+
+def _prompt_text_tokens(model_dir: Path, spec) -> int:
+    """Tokens of the prompt around the image: system message, roles, question, <img></img>."""
+    from transformers import AutoTokenizer
+
+    from bench.contenders import PROMPT
+    from raylens.prompts import build_prompt, get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    prompt = build_prompt(get_template(spec.template), PROMPT, num_images=1).replace("<image>", "<img></img>")
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
 def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_dir: Path | None = None,
@@ -112,7 +149,8 @@ def _scaling(r: dict, results: list[dict]) -> str:
     on several GPUs: issue 5's target is 90% of linear."""
     n = gpus_used(r["contender"])
     base = next((x for x in results if x["contender"] == "raylens" and x["size"] == r["size"]
-                 and x["max_tiles"] == r["max_tiles"] and x.get("images_per_s")), None)
+                 and x["max_tiles"] == r["max_tiles"] and x.get("workload") == r.get("workload")
+                 and x.get("images_per_s")), None)
     if n == 1 or base is None:
         return "-"
     speedup = r["images_per_s"] / base["images_per_s"]
@@ -121,17 +159,20 @@ def _scaling(r: dict, results: list[dict]) -> str:
 
 def table(results: list[dict]) -> str:
     lines = ["| size | max tiles | contender | images | images/s | output tok/s | GPU util % | vs pipeline "
-             "| vs raylens on 1 GPU (efficiency) | startup s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| vs raylens on 1 GPU (efficiency) | FLOP bound images/s (share) | startup s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         base = next((x for x in results if x["contender"] == "pipeline" and x["size"] == r["size"]
-                     and x["max_tiles"] == r["max_tiles"] and x.get("images_per_s")), None)
+                     and x["max_tiles"] == r["max_tiles"] and x.get("workload") == r.get("workload")
+                 and x.get("images_per_s")), None)
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | | failed | | | | | |")
+            lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | | failed | | | | | | |")
             continue
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
+        bound = r.get("bound_images_per_s")
+        share = f"{bound} ({100 * r['images_per_s'] / bound / gpus_used(r['contender']):.0f}%)" if bound else "-"
         lines.append(f"| {r['size']} | {r['max_tiles']} | {r['contender']} | {r['images']} | {r['images_per_s']} | {r['output_tokens_per_s']} "
-                     f"| {r['gpu_util_mean']} | {ratio} | {_scaling(r, results)} | {r['startup_s']:.0f} |")
+                     f"| {r['gpu_util_mean']} | {ratio} | {_scaling(r, results)} | {share} | {r['startup_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -164,19 +205,26 @@ def main(argv: list[str] | None = None) -> int:
                    "who keeps the others waiting")
     p.add_argument("--profile", default=None, help="folder for py-spy profiles (collapsed stacks) of each contender; "
                    "profiled runs are slower, so their figures are not quoted")
+    p.add_argument("--workload", choices=("fixed", "mixed"), default="fixed",
+                   help="fixed: 640x480 JPEGs, every answer --max-new-tokens long; mixed: thumbnails to 12-MP "
+                   "photos (bench.data.MIXED_SIZES), each answer 8..128 tokens (bench.data.output_length)")
     a = p.parse_args(argv)
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    images = work / "images"
-    write_images(images, max(a.images, a.images_many_tiles))
+    mixed = a.workload == "mixed"
+    images = work / ("images-mixed" if mixed else "images")
+    count = max(a.images if t <= 4 else a.images_many_tiles for t in a.tiles)
+    write_mixed_images(images, count) if mixed else write_images(images, count)
+    tflops = measure_bf16_tflops()
     results = []
     for size in a.sizes:
         ckpt = ensure_checkpoint(work, size)
         for tiles in a.tiles:
             n = a.images if tiles <= 4 else a.images_many_tiles
+            bound = workload_bound(ckpt, images, n, tiles, None if mixed else a.max_new_tokens, tflops)
             args = dict(size=size, model=str(ckpt), images=str(images), n_images=n, max_tiles=tiles,
-                        max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
+                        workload=a.workload, max_new_tokens=OUTPUT_LENGTHS[1] if mixed else a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
                         gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options),
                         engine=a.engine, batches_in_flight=a.batches_in_flight, timeline=a.timeline,
                         self_profile=a.self_profile and {"dir": a.self_profile, "after_s": a.self_profile_after_s,
@@ -185,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
                 run_args = dict(args, **contender_layout(name, args["engine_options"]))
                 r = run_contender(name, run_args, work, a.timeout, Path(a.profile) if a.profile else None, a.gpu_sample_ms,
                                   a.profile_gil)
-                r.update(size=size, max_tiles=tiles, n_images=n, settings=run_args)
+                r.update(size=size, max_tiles=tiles, n_images=n, workload=a.workload, settings=run_args, **bound)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("gpu_util_samples", "gpu_util_all", "timelines", "settings")}), flush=True)
                 results.append(r)
                 Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(a.out).write_text(json.dumps({"results": results, "host": os.uname().nodename}, indent=1))
+                Path(a.out).write_text(json.dumps({"results": results, "host": os.uname().nodename,
+                                                   "bf16_tflops": tflops}, indent=1))
     print(table(results))
     return 0
 

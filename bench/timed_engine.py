@@ -26,9 +26,11 @@ from raylens.engines.base import SamplingParams, VLRequest, VLResult
 
 class TimedEngine:
     def __init__(self, model_dir: str, *, ready_dir: str, inner: str = "lmdeploy", timeline: bool = False,
-                 profile: dict | None = None, **options: Any) -> None:
+                 profile: dict | None = None, vary_output: bool = False, **options: Any) -> None:
         """`profile` = {"dir", "after_s", "duration_s"}: py-spy this actor for a window of its steady state,
-        counted from its first batch (bench/self_profile.py)."""
+        counted from its first batch (bench/self_profile.py). `vary_output`: each request generates
+        `bench.data.output_length(<its image>)` tokens instead of the job's --max-new-tokens (the mixed
+        workload of bench.throughput), exactly as the pipeline contender is told."""
         from raylens.engines import create_engine
 
         started = time.time()
@@ -41,8 +43,11 @@ class TimedEngine:
         self._held = 0
         self._sampler: asyncio.Task | None = None
         self._profile = profile
+        self._vary_output = vary_output
 
     def __getattr__(self, name: str):  # tiling(), stream(), ...: whatever the inner engine offers
+        if name == "_engine":  # not built (yet): no recursion
+            raise AttributeError(name)
         return getattr(self._engine, name)
 
     async def generate(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
@@ -51,6 +56,11 @@ class TimedEngine:
 
             profile_later(self._profile["dir"], "engine-actor", self._profile["after_s"], self._profile["duration_s"])
             self._profile = None
+        if self._vary_output:
+            return await self._by_output_length(requests, params)
+        return await self._timed(requests, params)
+
+    async def _timed(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
         if self._timeline is None:
             return await self._engine.generate(requests, params)
         if self._sampler is None:
@@ -62,6 +72,23 @@ class TimedEngine:
         finally:
             self._held -= len(requests)
             self._timeline["batches"].append((round(arrived, 3), round(time.time(), 3), len(requests)))
+
+    async def _by_output_length(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
+        """One inner call per answer length, all at once (an async engine batches them together)."""
+        from dataclasses import replace
+
+        from bench.data import output_length
+
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):  # request ids are "<image id>#<prompt index>"
+            groups.setdefault(output_length(r.request_id.rsplit("#", 1)[0]), []).append(i)
+        outs = await asyncio.gather(*(self._timed([requests[i] for i in idx], replace(params, max_new_tokens=n))
+                                      for n, idx in groups.items()))
+        results: list[VLResult | None] = [None] * len(requests)
+        for idx, out in zip(groups.values(), outs):
+            for i, res in zip(idx, out):
+                results[i] = res
+        return results
 
     def _scheduler(self):
         """lmdeploy's PyTorch scheduler when the engine runs in this process, else None."""

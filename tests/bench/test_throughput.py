@@ -32,6 +32,25 @@ def test_throughput_runs_raylens_and_transformers_contenders(tmp_path, capsys):
     assert "| tiny | 1 | raylens | 6 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_mixed_workload_gives_each_image_its_own_answer_length(tmp_path):
+    """`--workload mixed`: images of every size group, and each answer exactly `output_length(image)` long."""
+    from bench.data import output_length
+
+    out = tmp_path / "bench.json"
+    argv = ["--sizes", "tiny", "--tiles", "2", "--images", "5", "--workload", "mixed", "--batch-size", "4",
+            "--contenders", "raylens", "--engine", "transformers", "--timeline",
+            "--workdir", str(tmp_path / "work"), "--timeout", "240", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert "error" not in result, result.get("error")
+    names = sorted(p.name for p in (tmp_path / "work" / "images-mixed").glob("*.jpg"))
+    assert len(names) == 5  # only the images the run uses are written
+    assert result["images"] == 5 and result["output_tokens"] == sum(output_length(n) for n in names)
+    assert result["flops_per_image"] > 0 and result["bound_images_per_s"] is None  # no GPU: no measured rate
+    assert result["timelines"] and result["timelines"][0]["batches"]
+
+
 def test_contender_layouts():
     assert contender_layout("pipeline", {}) == {}
     assert contender_layout("raylens@x2", {}) == {"replicas": 2, "gpus_per_replica": 1.0}
@@ -54,4 +73,4 @@ def test_table_gives_scaling_efficiency_against_one_gpu():
                   result("raylens@x2", 150.0, size="2b")]).splitlines()
     assert "| 7.50x on 8 GPUs (94%) |" in rows[3]
     assert "| 4.00x on 8 GPUs (50%) |" in rows[4]
-    assert "| 0 | - | - | 30 |" in rows[5]  # no 1-GPU raylens run of the 2B shape: nothing to compare with
+    assert "| 0 | - | - | - | 30 |" in rows[5]  # no 1-GPU raylens run of the 2B shape to compare with; no bound
