@@ -125,16 +125,15 @@ def _parse_layout(label: str) -> tuple[str, int, int]:
     return kind, (1 if kind == "tp" else n), (n if kind == "tp" else 1)
 
 
-def contender_layout(label: str, engine_options: dict) -> dict:
+def contender_layout(label: str) -> dict:
     """How a raylens label lays engines out on GPUs: `raylens@r2` two engines sharing one GPU, `raylens@x2`
     two engines on a GPU each, `raylens@tp2` one engine spanning two GPUs (lmdeploy tensor parallelism),
     `raylens@x4tp2` four engines of two GPUs each."""
     kind, engines, gpus = _parse_layout(label)
     if not kind:
         return {}
-    if kind == "r":
-        return dict(replicas=engines, gpus_per_replica=round(1 / engines, 3),
-                    engine_options={**engine_options, "cache_max_entry_count": round(0.7 / engines, 3)})
+    if kind == "r":  # the job itself gives each engine its share of the KV cache (jobs.caption.engine_options_for)
+        return dict(replicas=engines, gpus_per_replica=round(1 / engines, 3))
     return dict(replicas=engines, gpus_per_replica=float(gpus))
 
 
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         self_profile=a.self_profile and {"dir": a.self_profile, "after_s": a.self_profile_after_s,
                                                          "duration_s": a.self_profile_s})
             for name in a.contenders:
-                run_args = dict(args, **contender_layout(name, args["engine_options"]))
+                run_args = dict(args, **contender_layout(name))
                 r = run_contender(name, run_args, work, a.timeout, Path(a.profile) if a.profile else None, a.gpu_sample_ms,
                                   a.profile_gil)
                 r.update(size=size, max_tiles=tiles, n_images=n, workload=a.workload, settings=run_args, **bound)

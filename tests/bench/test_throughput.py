@@ -52,16 +52,16 @@ def test_mixed_workload_gives_each_image_its_own_answer_length(tmp_path):
 
 
 def test_contender_layouts():
-    assert contender_layout("pipeline", {}) == {}
-    assert contender_layout("raylens@x2", {}) == {"replicas": 2, "gpus_per_replica": 1.0}
-    assert contender_layout("raylens@tp2", {}) == {"replicas": 1, "gpus_per_replica": 2.0}
-    shared = contender_layout("raylens@r4", {"max_prefill_token_num": 4096})
-    assert shared["gpus_per_replica"] == 0.25 and shared["engine_options"]["max_prefill_token_num"] == 4096
-    assert contender_layout("raylens@x4tp2", {}) == {"replicas": 4, "gpus_per_replica": 2.0}
+    assert contender_layout("pipeline") == {}
+    assert contender_layout("raylens@x2") == {"replicas": 2, "gpus_per_replica": 1.0}
+    assert contender_layout("raylens@tp2") == {"replicas": 1, "gpus_per_replica": 2.0}
+    shared = contender_layout("raylens@r4")
+    assert shared == {"replicas": 4, "gpus_per_replica": 0.25}  # the options (and the job's cache share) stay
+    assert contender_layout("raylens@x4tp2") == {"replicas": 4, "gpus_per_replica": 2.0}
     assert [gpus_used(c) for c in ("raylens", "raylens@r4", "raylens@x8", "raylens@tp2", "raylens@x4tp2")] == [1, 1, 8, 2, 8]
     for bad in ("raylens@q2", "raylens@x0", "raylens@tp2x4"):
         with pytest.raises(ValueError, match="unknown layout"):
-            contender_layout(bad, {})
+            contender_layout(bad)
 
 
 def test_table_gives_scaling_efficiency_against_one_gpu():
