@@ -31,12 +31,18 @@ import pyarrow.fs as pafs
 
 from jobs.caption_config import CaptionJobConfig
 from jobs.caption_output import (
+    SUMMARY_FILE,
     Manifest,
     ShardWriter,
-    completed_shards,
-    fingerprint,
-    iter_output_tables,
+    delete_job_files,
+    finished_shards,
+    is_job_file,
+    iter_part_columns,
+    location_of,
+    output_overlap,
     read_manifest,
+    top_level_files,
+    write_atomically,
     write_manifest,
 )
 from raylens.images import TilingSpec
@@ -45,15 +51,15 @@ from raylens.storage import S3Settings, ensure_writable_dir, resolve_filesystem
 
 logger = logging.getLogger("raylens.caption")
 
-SUMMARY_FILE = "_summary.json"
 DEMO_NOTICE = (
     "Using the raylens demo model (a tiny InternVL2 trained on synthetic shapes). "
     "For real captions pass --model OpenGVLab/InternVL2-2B (GPU recommended: pip install 'raylens[gpu]')."
 )
 # Our output columns; an input column of the same name is carried as "input.<name>". (Columns that
 # only travel between stages are named "__<name>" and never reach the output.)
-_RESERVED = {"id", "prompt_index", "image", "prompt", "text", "error", "stage", "model", "num_tiles",
+_RESERVED = {"id", "prompt_index", "image", "prompt", "text", "error", "error_kind", "stage", "model", "num_tiles",
              "num_input_tokens", "num_output_tokens", "finish_reason"}
+MAX_RUN_RECORDS = 100  # per-run records kept in _summary.json
 
 
 class UsageError(Exception):
@@ -72,6 +78,7 @@ class JobPlan:
     out_root: str
     items: list[InputItem]
     extra_fields: list  # pyarrow fields of the input's own columns, carried to the output
+    extra_names: dict  # input column name -> its output column name (renamed when it clashes)
     model_dir: str
     model_name: str
     tiling: TilingSpec
@@ -87,14 +94,25 @@ class JobPlan:
 
 
 def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPlan:
-    """Resolve storage, list inputs, check the output and the model. Raises UsageError on bad input."""
-    from raylens.checkpoints.formats import ModelSpec
+    """Resolve storage, list inputs, check the model and the output. Raises UsageError on bad input.
+
+    Nothing under --output is deleted or written before every check has passed."""
+    from jobs.caption_identity import run_identity
+    from raylens.checkpoints.formats import CheckpointError, ModelSpec
     from raylens.checkpoints.resolve import resolve_model
 
     env = dict(os.environ if env is None else env)
     s3 = S3Settings.from_env(env, endpoint=config.s3_endpoint)
-    in_fs, in_root = resolve_filesystem(config.input, s3)
-    out_fs, out_root = resolve_filesystem(config.output, s3)
+    try:
+        in_fs, in_root = resolve_filesystem(config.input, s3)
+        out_fs, out_root = resolve_filesystem(config.output, s3)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    input_location = location_of(in_fs, in_root)
+    overlap = output_overlap(input_location, location_of(out_fs, out_root))
+    if overlap:
+        raise UsageError(f"--output {config.output} {overlap} {config.input}: the job would read its own results "
+                         "back or --overwrite could delete inputs; choose an --output outside the input")
     try:
         listing = list_inputs(in_fs, in_root, image_column=config.image_column, question_column=config.question_column,
                               image_roots=config.image_root or ())
@@ -105,68 +123,145 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
     items = listing.items
     if not items:
         raise UsageError(f"no image files or manifest rows under --input {config.input}")
-    prompts = (f"question column {config.question_column}",) if config.question_column else tuple(config.prompt)
-    manifest = Manifest(num_inputs=len(items), shard_size=config.shard_size, inputs_sha256=fingerprint(i.id for i in items),
-                        prompts=prompts, format=config.format)
+    extra_names = _extra_names(items)
+    try:
+        model_fs = s3.filesystem() if (config.model or "").startswith("s3://") else None
+        model_dir = str(resolve_model(config.model, filesystem=model_fs))
+        spec = ModelSpec.from_dir(model_dir)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise UsageError(f"--model: {exc}") from None
+    try:
+        tiling = spec.tiling(config.max_tiles)
+    except ValueError as exc:  # e.g. --max-tiles below the checkpoint's min tiles
+        raise UsageError(f"--model {config.model or model_dir}: {exc}") from None
+    check_context_length(config, spec, tiling)
+    model_name = config.model or "raylens-demo"
+    manifest = Manifest(num_inputs=len(items), shard_size=config.shard_size, format=config.format, model_name=model_name,
+                        identity=run_identity(config, input_location=input_location, in_fs=in_fs, in_root=in_root,
+                                              listing=listing, model_dir=model_dir, tiling=tiling))
     try:
         _prepare_output(config, out_fs, out_root, manifest)
     except OSError as exc:
         raise UsageError(f"cannot write --output {config.output}: {exc}") from None
-    model_fs = s3.filesystem() if (config.model or "").startswith("s3://") else None
-    model_dir = str(resolve_model(config.model, filesystem=model_fs))
-    try:
-        tiling = ModelSpec.from_dir(model_dir).tiling(config.max_tiles)
-    except ValueError as exc:  # e.g. --max-tiles below the checkpoint's min tiles
-        raise UsageError(f"--model {config.model or model_dir}: {exc}") from None
     return JobPlan(
         config=config, s3=s3, in_fs=in_fs, in_root=in_root, out_fs=out_fs, out_root=out_root, items=items,
-        extra_fields=_extra_fields(items), model_dir=model_dir, model_name=config.model or "raylens-demo",
-        tiling=tiling, uses_demo_model=config.model is None, manifest=manifest, read_roots=listing.roots,
+        extra_fields=_extra_fields(items, extra_names), extra_names=extra_names, model_dir=model_dir,
+        model_name=model_name, tiling=tiling, uses_demo_model=config.model is None, manifest=manifest,
+        read_roots=listing.roots,
     )
 
 
-def _extra_name(name: str) -> str:
-    return f"input.{name}" if name in _RESERVED or name.startswith("__") else name
+def check_context_length(config: CaptionJobConfig, spec, tiling: TilingSpec) -> None:
+    """Refuse, before any work, an answer length that cannot fit the model's context with the largest
+    image the tiling allows (otherwise every row would fail in the engine). The prompt's own tokens are
+    not counted here; the engine still checks each request exactly."""
+    context = spec.max_context
+    if not context:
+        return
+    if config.max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {config.max_new_tokens} does not fit the model's context of {context} "
+                         f"tokens (prompt and image included): choose far less than {context}")
+    tiles = tiling.max_tiles + (1 if tiling.use_thumbnail and tiling.max_tiles > 1 else 0)
+    image_tokens = spec.image_tokens(tiles)
+    if config.max_new_tokens + image_tokens > context:
+        fits = (context - config.max_new_tokens) // spec.image_tokens_per_tile - (1 if tiling.use_thumbnail else 0)
+        tiles_hint = f" or --max-tiles to at most {fits}" if fits >= 1 else ""
+        raise UsageError(f"--max-new-tokens {config.max_new_tokens} plus up to {image_tokens} image tokens "
+                         f"(--max-tiles {tiling.max_tiles}) exceed the model's context of {context} tokens: lower "
+                         f"--max-new-tokens to at most {context - image_tokens}{tiles_hint}")
 
 
-def _extra_fields(items: list[InputItem]):
-    """One Arrow type per carried input column, inferred from every row (mixed types become strings)."""
+def _extra_names(items: list[InputItem]) -> dict[str, str]:
+    """Each carried input column's output name: its own, or "input.<name>" where it clashes with ours
+    (or with a Ray-side "__" column), prefixed again until unique ("text" beside "input.text")."""
+    names = list(dict.fromkeys(name for item in items for name, _ in item.extra))
+    taken = set(_RESERVED) | {n for n in names if not (n in _RESERVED or n.startswith("__"))}
+    mapping = {}
+    for name in names:
+        if name in _RESERVED or name.startswith("__"):
+            out = f"input.{name}"
+            while out in taken:
+                out = f"input.{out}"
+            taken.add(out)
+            mapping[name] = out
+        else:
+            mapping[name] = name
+    return mapping
+
+
+def _extra_fields(items: list[InputItem], extra_names: dict[str, str]):
+    """One Arrow type per carried input column, inferred from every row (mixed types, and integers
+    beyond 64 bits, become strings)."""
     import pyarrow as pa
 
-    values: dict[str, list] = {}
+    values: dict[str, list] = {name: [] for name in extra_names}
     for item in items:
         for name, value in item.extra:
-            values.setdefault(name, []).append(value)
+            values[name].append(value)
     fields = []
     for name, column in values.items():
         try:
             kind = pa.array(column).type
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             kind = pa.string()
-        fields.append(pa.field(_extra_name(name), pa.string() if pa.types.is_null(kind) else kind))
+        fields.append(pa.field(extra_names[name], pa.string() if pa.types.is_null(kind) else kind))
     return fields
 
 
 def _prepare_output(config: CaptionJobConfig, fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
-    """Start fresh (--overwrite or empty output) or check that a rerun resumes the same work."""
-    existing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    if existing and config.overwrite:
-        fs.delete_dir_contents(root)
-        existing = []
-    ensure_writable_dir(fs, root)
-    if existing:
+    """Start fresh (--overwrite or a new folder) or check that a rerun resumes the same work.
+
+    --overwrite deletes only the job's own files (`is_job_file`), and only where they are the job's:
+    files named like part files in a folder without our `_manifest.json` belong to someone else."""
+    files = [i.base_name for i in top_level_files(fs, root)]
+    try:
         previous = read_manifest(fs, root)
-        if previous is None:
-            raise UsageError(f"--output {config.output} holds files that raylens did not write; use another directory or --overwrite")
-        if previous != manifest:
-            raise UsageError(f"--output {config.output} holds results of other inputs or settings "
-                             "(files, --prompt, --shard-size or --format changed); pass --overwrite to start over")
+        unreadable = None
+    except ValueError as exc:
+        previous, unreadable = None, str(exc)
+    ours_by_name = [n for n in files if not n.startswith(".") and is_job_file(n)]
+    if previous is None and unreadable is None and ours_by_name:
+        raise UsageError(f"--output {config.output} holds {ours_by_name[0]} but no _manifest.json: raylens did not "
+                         "write it (or its manifest was removed); choose another --output")
+    if config.overwrite:
+        deleted = delete_job_files(fs, root)
+        if deleted:
+            logger.info("--overwrite: deleted %d files of an earlier run under %s", len(deleted), config.output)
+    elif unreadable is not None:
+        raise UsageError(f"--output {config.output}: {unreadable}; pass --overwrite to start over")
+    elif previous is not None:
+        _check_resume(config, previous, manifest)
+    elif files:
+        raise UsageError(f"--output {config.output} holds files raylens did not write (e.g. {sorted(files)[0]}); "
+                         "choose an empty folder, or pass --overwrite to write beside them (they are kept)")
+    ensure_writable_dir(fs, root)
     write_manifest(fs, root, manifest)
 
 
+def _check_resume(config: CaptionJobConfig, previous: Manifest, manifest: Manifest) -> None:
+    """A rerun resumes only the work that produced the output: every difference is named."""
+    from jobs.caption_identity import differences
+
+    found = []
+    if previous.format != manifest.format:
+        found.append(f"--format: {previous.format!r} -> {manifest.format!r}")
+    if previous.shard_size != manifest.shard_size:
+        found.append(f"--shard-size: {previous.shard_size} -> {manifest.shard_size}")
+    if previous.num_inputs != manifest.num_inputs:
+        found.append(f"number of inputs: {previous.num_inputs} -> {manifest.num_inputs}")
+    found += differences(previous.identity, manifest.identity, old_model=previous.model_name,
+                         new_model=manifest.model_name)
+    if found:
+        raise UsageError(f"--output {config.output} holds results of other inputs or settings ({'; '.join(found)}); "
+                         "rerun with the same ones to resume, or pass --overwrite to start over")
+
+
 def pending_rows(plan: JobPlan) -> tuple[list[dict], dict[int, int]]:
-    """Listing rows of the shards not yet written, and how many output rows each shard must get."""
-    done = completed_shards(plan.out_fs, plan.out_root)
+    """Listing rows of the shards not yet written whole, and how many output rows each shard must get."""
+    from jobs.caption_stages import output_schema
+
+    done, _ = finished_shards(plan.out_fs, plan.out_root, plan.manifest, plan.prompts_per_item(),
+                              output_schema(plan.extra_fields).names)
     names = [f.name for f in plan.extra_fields]
     string_columns = {f.name for f in plan.extra_fields if str(f.type) == "string"}
     rows, expected = [], {}
@@ -176,7 +271,7 @@ def pending_rows(plan: JobPlan) -> tuple[list[dict], dict[int, int]]:
             continue
         extra = dict.fromkeys(names)
         for name, value in item.extra:
-            key = _extra_name(name)
+            key = plan.extra_names[name]
             extra[key] = str(value) if key in string_columns and value is not None else value
         rows.append({"id": item.id, "image": item.source, "__source": item.source, "__shard": shard,
                      "__question": item.question, "__listing_error": item.error, **extra})
@@ -191,6 +286,7 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
 
     import pyarrow as pa
 
+    from jobs.caption_runtime import quiet_ray_data_deprecations
     from jobs.caption_stages import LISTING_SCHEMA, GenerateStage, prepare_batch
     from raylens.engines.base import SamplingParams
     from raylens.fetch import UrlFetcher
@@ -204,17 +300,18 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
     size = max(cfg.batch_size, -(-len(rows) // 20_000))
     ds = ray.data.from_arrow([listing.slice(i, size) for i in range(0, len(rows), size)])
     fetcher = UrlFetcher(allowed_domains=cfg.allowed_domain_set())
-    ds = ds.map_batches(
-        prepare_batch,
-        batch_size=cfg.batch_size,  # keeps blocks batch-sized all the way to the engine
-        batch_format="pyarrow",
-        fn_kwargs=dict(filesystems=SourceFilesystems.create(plan.s3, roots=plan.read_roots), fetcher=fetcher, tiling=plan.tiling,
-                       max_pixels=cfg.max_pixels),
-        num_cpus=1,
-        # Spread decoding over the cluster's CPUs. Passing the args through a function also keeps Ray
-        # Data from fusing this stage into the engine actors: fused, the GPU actor would decode images.
-        ray_remote_args_fn=_spread,
-    )
+    with quiet_ray_data_deprecations():  # ray_remote_args_fn: no named replacement in Ray 2.60
+        ds = ds.map_batches(
+            prepare_batch,
+            batch_size=cfg.batch_size,  # keeps blocks batch-sized all the way to the engine
+            batch_format="pyarrow",
+            fn_kwargs=dict(filesystems=SourceFilesystems.create(plan.s3, roots=plan.read_roots), fetcher=fetcher, tiling=plan.tiling,
+                           max_pixels=cfg.max_pixels, log_level=cfg.log_level),
+            num_cpus=1,
+            # Spread decoding over the cluster's CPUs. Passing the args through a function also keeps Ray
+            # Data from fusing this stage into the engine actors: fused, the GPU actor would decode images.
+            ray_remote_args_fn=_spread,
+        )
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     engine = cfg.engine
     if engine == "auto":
@@ -223,27 +320,28 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
                             seed=cfg.seed, ignore_eos=cfg.ignore_eos)
     engine_options = engine_options_for(cfg, engine, has_gpus)
     tp = engine_options.get("tp", 1)
-    ds = ds.map_batches(
-        GenerateStage,
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        # Several calls per actor at once: without it an actor takes one batch at a time and lmdeploy's
-        # continuous batching never sees more than --batch-size requests (measured: GPU 19% busy).
-        # No more queued on an actor than it runs: Ray Data's default (twice as many) let the first engine
-        # that was ready take every batch of a small job while the second GPU idled (measured on 2 GPUs).
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=cfg.batches_in_flight,
-                                  max_tasks_in_flight_per_actor=cfg.batches_in_flight),
-        fn_constructor_kwargs=dict(
-            engine=engine,
-            model=cfg.model, s3=plan.s3, model_name=plan.model_name, engine_options=engine_options,
-            params=params, prompts=list(cfg.prompt), use_question_column=bool(cfg.question_column),
-            max_tiles=cfg.max_tiles, extra_fields=plan.extra_fields,
-        ),
-        **_engine_resources(cfg.gpus_per_replica if has_gpus else 0, tp),
-        # A dead engine actor is restarted (Ray Data's default) and its batch retried, but only this often:
-        # a batch that kills every engine it meets must not loop forever. Its rows become error rows.
-        max_task_retries=cfg.engine_retries,
-    )
+    with quiet_ray_data_deprecations():  # max_task_retries and tp's ray_remote_args_fn: no named ones in 2.60
+        ds = ds.map_batches(
+            GenerateStage,
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            # Several calls per actor at once: without it an actor takes one batch at a time and lmdeploy's
+            # continuous batching never sees more than --batch-size requests (measured: GPU 19% busy).
+            # No more queued on an actor than it runs: Ray Data's default (twice as many) let the first
+            # engine that was ready take every batch of a small job while the second GPU idled (2 GPUs).
+            compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=cfg.batches_in_flight,
+                                      max_tasks_in_flight_per_actor=cfg.batches_in_flight),
+            fn_constructor_kwargs=dict(
+                engine=engine,
+                model=cfg.model, s3=plan.s3, model_name=plan.model_name, engine_options=engine_options,
+                params=params, prompts=list(cfg.prompt), use_question_column=bool(cfg.question_column),
+                max_tiles=cfg.max_tiles, extra_fields=plan.extra_fields, log_level=cfg.log_level,
+            ),
+            **_engine_resources(cfg.gpus_per_replica if has_gpus else 0, tp),
+            # A dead engine actor is restarted (Ray Data's default) and its batch retried, but only this
+            # often: a batch that kills every engine it meets must not loop forever. Its rows become errors.
+            max_task_retries=cfg.engine_retries,
+        )
     if tp > 1:
         _no_extra_placement_groups(ds.context)
     # A batch that still fails is dropped here and its rows are recorded as errors by the driver
@@ -256,7 +354,7 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
     """Rows of batches that failed for good (engine actor died past its retries): written as errors."""
     import pyarrow as pa
 
-    from jobs.caption_stages import output_row, prompts_of, stage_output_schema
+    from jobs.caption_stages import BATCH_FAILED, output_row, prompts_of, stage_output_schema
 
     incomplete = writer.incomplete()
     if not incomplete:
@@ -270,7 +368,8 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
         have = writer.rows_of(shard)
         seen = set() if have is None else set(zip(have.column("id").to_pylist(), have.column("prompt_index").to_pylist()))
         lost = [
-            output_row(r, j, prompt, model=plan.model_name, extra_names=extra_names, error=message, stage="engine", num_tiles=0)
+            output_row(r, j, prompt, model=plan.model_name, extra_names=extra_names, error=message,
+                       error_kind=BATCH_FAILED, stage="engine", num_tiles=0)
             for r in rows if r["__shard"] == shard
             for j, prompt in enumerate(prompts_of(r, plan.config.prompt, bool(plan.config.question_column)))
             if (r["id"], j) not in seen
@@ -344,46 +443,74 @@ def _lmdeploy_installed() -> bool:
     return importlib.util.find_spec("lmdeploy") is not None
 
 
-def summarize(plan: JobPlan, wall_s: float, engine: str, processed_images: int) -> dict:
-    """Count what was actually written (the output is the truth, not the driver's memory)."""
+def summarize(plan: JobPlan, this_run: dict, previous: dict | None = None) -> dict:
+    """The job's summary: counts from what was written (the output is the truth, not the driver's
+    memory), and the runs' figures. `runs` keeps one record per run (this one added to `previous`'s);
+    `wall_s`, `processed_images`, `images_per_s` and `engine` cover the runs that processed images, so a
+    rerun with nothing to do keeps the figures of the runs that did the work."""
     rows = failed = 0
     by_kind: dict[str, int] = {}
-    for table in iter_output_tables(plan.out_fs, plan.out_root, ["error"]):
+    unreadable = []
+    for name, table in iter_part_columns(plan.out_fs, plan.out_root, plan.manifest, ["error", "error_kind"]):
+        if table is None:
+            unreadable.append(name)
+            continue
         rows += table.num_rows
-        for e in table.column("error").to_pylist():
-            if e is not None:
+        for error, kind in zip(table.column("error").to_pylist(), table.column("error_kind").to_pylist()):
+            if error is not None:
                 failed += 1
-                kind = e.split(":", 1)[0]
-                by_kind[kind] = by_kind.get(kind, 0) + 1
+                key = kind or error.split(":", 1)[0]
+                by_kind[key] = by_kind.get(key, 0) + 1
+    runs = [r for r in (previous or {}).get("runs", []) if isinstance(r, dict)] + [this_run]
+    runs = runs[-MAX_RUN_RECORDS:]
+    worked = [r for r in runs if r.get("processed_images")]
+    wall_s = sum(r.get("wall_s") or 0 for r in worked)
+    processed = sum(r["processed_images"] for r in worked)
     return {
         "rows": rows,
         "inputs": len(plan.items),
         "prompts": len(plan.config.prompt),
         "succeeded": rows - failed,
         "failed": failed,
-        "errors_by_kind": by_kind,
+        "errors_by_kind": dict(sorted(by_kind.items())),
+        "unreadable_parts": unreadable,
         "wall_s": round(wall_s, 3),
-        "processed_images": processed_images,  # by this run (a resumed run skips finished shards)
-        "images_per_s": round(processed_images / wall_s, 3) if wall_s > 0 else None,
+        "processed_images": processed,
+        "images_per_s": round(processed / wall_s, 3) if wall_s > 0 else None,
         "model": plan.model_name,
-        "engine": engine,
+        "engine": worked[-1].get("engine") if worked else this_run.get("engine"),
+        "runs": runs,
         "config": plan.config.to_dict(),
     }
 
 
-def main(plan: JobPlan) -> dict:
-    """Run the pipeline for a resolved plan; returns the summary (also written to _summary.json)."""
-    import ray
+def read_summary(plan: JobPlan) -> dict | None:
+    """The previous run's `_summary.json`, or None when there is none or it cannot be read."""
+    path = posixpath.join(plan.out_root, SUMMARY_FILE)
+    try:
+        with plan.out_fs.open_input_stream(path) as f:
+            summary = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger.warning("%s cannot be read (%s); its run records are lost", SUMMARY_FILE, exc)
+        return None
+    return summary if isinstance(summary, dict) else None
 
-    if not ray.is_initialized():
-        # Join a cluster only when told to (`ray job submit` sets RAY_ADDRESS); otherwise start a private
-        # instance: a bare ray.init() joins any Ray already running on the machine and dies with it.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
+
+def main(plan: JobPlan) -> dict:
+    """Run the pipeline for a resolved plan; returns the summary (also written to _summary.json).
+
+    Starts or joins Ray as `jobs.caption_runtime.connect` says unless Ray is already initialised."""
+    from jobs.caption_runtime import connect
     from jobs.caption_stages import output_schema
 
+    connect(plan.config.ray_address, log_level=plan.config.log_level)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     start = time.perf_counter()
+    previous = read_summary(plan)
     rows, expected = pending_rows(plan)
-    engine = plan.config.engine
+    engine, written = None, 0
     if rows:
         print(f"{len(expected)} of {plan.manifest.num_shards} shards to do ({len(rows)} images)", flush=True)
         ds, engine = build_dataset(plan, rows)
@@ -391,11 +518,15 @@ def main(plan: JobPlan) -> dict:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)
         record_lost_rows(plan, writer, rows)
+        written = len(writer.written)
     else:
         print("every shard is already written; nothing to do", flush=True)
-    summary = summarize(plan, time.perf_counter() - start, engine, processed_images=len(rows))
-    with plan.out_fs.open_output_stream(posixpath.join(plan.out_root, SUMMARY_FILE)) as f:
-        f.write(json.dumps(summary, indent=2).encode())
+    wall_s = time.perf_counter() - start
+    this_run = {"started": started, "wall_s": round(wall_s, 3), "processed_images": len(rows),
+                "images_per_s": round(len(rows) / wall_s, 3) if rows and wall_s > 0 else None,
+                "engine": engine, "shards_written": written}
+    summary = summarize(plan, this_run, previous)
+    write_atomically(plan.out_fs, posixpath.join(plan.out_root, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -416,7 +547,12 @@ def engine_start_failure(exc: BaseException) -> str | None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    """The CLI: exit 0 done; 1 nothing processed, too many errors, no engine or Ray failed; 2 bad flags,
+    --input, --output, --model or an unreachable --ray-address. Every failure is one line on stderr."""
+    from jobs.caption_runtime import RayUnavailable, configure_logging, failure_message, ray_address
+
     config = CaptionJobConfig.from_args(argv, description=__doc__)
+    configure_logging(config.log_level)
     try:
         plan = setup(config)
     except (UsageError, FileNotFoundError) as exc:
@@ -427,12 +563,19 @@ def run(argv: list[str] | None = None) -> int:
     print(f"captioning {len(plan.items)} images from {config.input} -> {config.output}", flush=True)
     try:
         summary = main(plan)
+    except RayUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001
         cause = engine_start_failure(exc)
-        if cause is None:
+        if cause is not None:
+            print(f"error: the engine could not start: {cause}\n(check --model, --engine and --engine-args; "
+                  "finished shards are kept and a rerun resumes)", file=sys.stderr)
+            return 1
+        if not _is_ray_failure(exc):
             raise
-        print(f"error: the engine could not start: {cause}\n(check --model, --engine and --engine-args; "
-              "finished shards are kept and a rerun resumes)", file=sys.stderr)
+        logger.debug("Ray failed during the run", exc_info=exc)
+        print(f"error: {failure_message(ray_address(config.ray_address, os.environ), exc)}", file=sys.stderr)
         return 1
     brief = {k: summary[k] for k in ("rows", "succeeded", "failed", "wall_s", "images_per_s", "model", "engine")}
     print("summary: " + json.dumps(brief), flush=True)
@@ -444,6 +587,13 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {rate:.1%} of rows failed, more than --max-error-rate {config.max_error_rate}", file=sys.stderr)
         return 1
     return 0
+
+
+def _is_ray_failure(exc: BaseException) -> bool:
+    """A failure of Ray itself (a cluster or node that died, lost objects), not of raylens' code."""
+    from ray.exceptions import RayError, RayTaskError
+
+    return (isinstance(exc, RayError) and not isinstance(exc, RayTaskError)) or isinstance(exc, ConnectionError)
 
 
 if __name__ == "__main__":

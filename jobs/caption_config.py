@@ -54,6 +54,12 @@ class CaptionJobConfig:
     engine_retries: int = _f(2, "retries of a batch whose engine actor died; its rows are then recorded as errors")
     # -- storage ----------------------------------------------------------------------------
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL; default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL")
+    # -- where it runs and what it prints ---------------------------------------------------
+    ray_address: str | None = _f(None, "Ray to run on: a cluster's host:port, 'auto' (the cluster started on this machine), "
+                                       "or 'local' (a private instance for this job); default: $RAY_ADDRESS (set by "
+                                       "`ray job submit`), else 'local'")
+    log_level: str = _f("WARNING", "what raylens logs besides the progress and the summary (INFO adds engine and "
+                                   "placement details)", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
         if self.question_column and self.prompt:

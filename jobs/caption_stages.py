@@ -6,8 +6,9 @@ Column flow for one image `cats/a.jpg` under `--input /data` (a manifest adds it
     listing         id: "cats/a.jpg", image: "/data/cats/a.jpg", __source: "/data/cats/a.jpg", __shard: 0,
                     __question: null, __listing_error: null, label: "cat"
     prepare (CPU)   + __pixels (raw uint8 RGB of the downscaled image), __height, __width, __grid_cols,
-                      __grid_rows, num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."), stage
-    generate (GPU)  -> one row per (image, prompt): id, prompt_index, image, prompt, text, error, stage,
+                      __grid_rows, num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."),
+                      error_kind ("image.<kind>" / "source.<kind>"), stage
+    generate (GPU)  -> one row per (image, prompt): id, prompt_index, image, prompt, text, error, error_kind, stage,
                        model, num_tiles, num_input_tokens, num_output_tokens, finish_reason, label, __shard
                        (pixels dropped; the image is decoded and tiled once for all its prompts)
 
@@ -17,6 +18,18 @@ called `width` or `source` cannot collide with them.
 With `--question-column` each row asks its own question instead of the `--prompt` list. A row whose
 `error` is set by an earlier stage passes through later stages untouched, so every input leaves exactly
 one output row per prompt. Only the engine stage holds heavy state (the model).
+
+`error_kind` is the failure's category from a fixed vocabulary, "<domain>.<kind>", so that users can
+group and filter failures without parsing messages (`errors_by_kind` in the summary counts it):
+
+    image.<kind>          the bytes are not a usable image: empty, too_large, not_an_image, truncated, decode
+    source.<kind>         the bytes could not be read: a `SourceError` kind (missing, bad_source, read,
+                          too_large, blocked, bad_url, http_status, timeout, network, ...)
+    input.missing_question  a --question-column row without a question
+    engine.request        the engine failed this request (e.g. a prompt longer than the model's context)
+    engine.failed         the engine raised on the whole batch
+    engine.batch_failed   the batch failed past --engine-retries (its engine actor died each time)
+    internal.<stage>      an unexpected exception while reading or decoding: a raylens bug, please report
 """
 from __future__ import annotations
 
@@ -26,6 +39,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from jobs.caption_runtime import configure_logging
 from raylens.engines.base import SamplingParams, VLRequest, format_error
 from raylens.errors import KindError
 from raylens.fetch import UrlFetcher
@@ -43,15 +57,22 @@ LISTING_SCHEMA = pa.schema([
 PREPARED_FIELDS = [
     ("__pixels", pa.binary()), ("__height", pa.int32()), ("__width", pa.int32()), ("__grid_cols", pa.int32()),
     ("__grid_rows", pa.int32()), ("__orig_width", pa.int32()), ("__orig_height", pa.int32()),
-    ("num_tiles", pa.int32()), ("error", pa.string()), ("stage", pa.string()),
+    ("num_tiles", pa.int32()), ("error", pa.string()), ("error_kind", pa.string()), ("stage", pa.string()),
 ]
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt_index", pa.int32()), ("image", pa.string()), ("prompt", pa.string()),
-    ("text", pa.string()), ("error", pa.string()), ("stage", pa.string()), ("model", pa.string()),
+    ("text", pa.string()), ("error", pa.string()), ("error_kind", pa.string()), ("stage", pa.string()), ("model", pa.string()),
     ("num_tiles", pa.int32()), ("num_input_tokens", pa.int32()), ("num_output_tokens", pa.int32()),
     ("finish_reason", pa.string()),
 ])
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
+
+MISSING_QUESTION = "input.missing_question"
+ENGINE_REQUEST = "engine.request"
+ENGINE_FAILED = "engine.failed"
+BATCH_FAILED = "engine.batch_failed"
+# KindError subclasses -> their domain in `error_kind`
+_DOMAINS = {"ImageError": "image", "SourceError": "source", "FetchError": "source"}
 
 
 def output_schema(extra_fields: list[pa.Field]) -> pa.Schema:
@@ -70,11 +91,11 @@ def prompts_of(row: dict, prompts: list[str], use_question_column: bool) -> list
 
 
 def output_row(row: dict, prompt_index: int, prompt: str | None, *, model: str, extra_names: list[str],
-               error: str | None, stage: str | None, num_tiles: int) -> dict:
+               error: str | None, error_kind: str | None, stage: str | None, num_tiles: int) -> dict:
     """One output row for (listing row, prompt) before the engine fills text and token counts."""
     return {
         "id": row["id"], "prompt_index": prompt_index, "image": row["image"], "prompt": prompt, "text": None,
-        "error": error, "stage": stage, "model": model, "num_tiles": num_tiles, "num_input_tokens": 0,
+        "error": error, "error_kind": error_kind, "stage": stage, "model": model, "num_tiles": num_tiles, "num_input_tokens": 0,
         "num_output_tokens": 0, "finish_reason": None, "__shard": row["__shard"],
         **{name: row[name] for name in extra_names},
     }
@@ -86,9 +107,19 @@ def _error_text(exc: BaseException) -> str:
     return format_error(exc)
 
 
+def error_kind_of(exc: BaseException, stage: str) -> str:
+    """The `error_kind` of an exception raised while reading or decoding one row (module docstring)."""
+    if isinstance(exc, KindError):
+        name = type(exc).__name__
+        domain = _DOMAINS.get(name) or name.removesuffix("Error").lower() or "input"
+        return f"{domain}.{exc.kind}"
+    return f"internal.{stage}"
+
+
 def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: UrlFetcher, tiling: TilingSpec,
-                  max_pixels: int) -> pa.Table:
+                  max_pixels: int, log_level: str = "WARNING") -> pa.Table:
     """Read, decode, validate and downscale each image (CPU task). Failures become that row's error."""
+    configure_logging(log_level)
     out: dict[str, list] = {name: [] for name, _ in PREPARED_FIELDS}
     listing_errors = batch.column("__listing_error").to_pylist()
     for source, listing_error in zip(batch.column("__source").to_pylist(), listing_errors):
@@ -104,6 +135,7 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
                          ("__orig_width", 0), ("__orig_height", 0), ("num_tiles", 0)):
                 out[k].append(v)
             out["error"].append(_error_text(exc))
+            out["error_kind"].append(error_kind_of(exc, stage))
             out["stage"].append(stage)
             continue
         pixels = np.ascontiguousarray(prepared.pixels, dtype=np.uint8)
@@ -116,6 +148,7 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
         out["__orig_height"].append(prepared.original_size[1])
         out["num_tiles"].append(prepared.num_tiles)
         out["error"].append(None)
+        out["error_kind"].append(None)
         out["stage"].append(None)
     for name, kind in PREPARED_FIELDS:
         batch = batch.append_column(pa.field(name, kind), pa.array(out[name], type=kind))
@@ -139,8 +172,11 @@ class GenerateStage:
     """
 
     def __init__(self, *, engine: str, model: str | None, s3, model_name: str, engine_options: dict, params: SamplingParams,
-                 prompts: list[str], use_question_column: bool, max_tiles: int | None, extra_fields: list[pa.Field]) -> None:
+                 prompts: list[str], use_question_column: bool, max_tiles: int | None, extra_fields: list[pa.Field],
+                 log_level: str = "WARNING") -> None:
         from raylens.checkpoints.resolve import resolve_model
+
+        configure_logging(log_level)  # the engine's own lines (KV cache, placement) at --log-level INFO
         from raylens.engines import create_engine
 
         # Resolved here, on the actor's node: an s3:// or hub model is fetched where the engine runs.
@@ -162,10 +198,11 @@ class GenerateStage:
         for row in batch.to_pylist():
             prepared = _prepared_from_row(row) if row["error"] is None else None
             for j, prompt in enumerate(prompts_of(row, self.prompts, self.use_question_column)):
-                out = output_row(row, j, prompt, model=self.model_name, extra_names=self.extra_names,
-                                 error=row["error"], stage=row["stage"], num_tiles=row["num_tiles"])
+                out = output_row(row, j, prompt, model=self.model_name, extra_names=self.extra_names, error=row["error"],
+                                 error_kind=row["error_kind"], stage=row["stage"], num_tiles=row["num_tiles"])
                 if out["error"] is None and not prompt:
-                    out.update(error="MissingQuestion: this row has no question in the --question-column column", stage="read")
+                    out.update(error="MissingQuestion: this row has no question in the --question-column column",
+                               error_kind=MISSING_QUESTION, stage="read")
                 if out["error"] is None:
                     slots.append(len(rows))
                     requests.append(VLRequest(f"{row['id']}#{j}", prompt, prepared, max_tiles=self.max_tiles))
@@ -177,11 +214,11 @@ class GenerateStage:
         except Exception as exc:  # noqa: BLE001
             logger.exception("engine failed on a batch of %d requests", len(requests))
             for slot in slots:
-                rows[slot].update(error=format_error(exc), stage="engine")
+                rows[slot].update(error=format_error(exc), error_kind=ENGINE_FAILED, stage="engine")
             results = []
         for slot, res in zip(slots, results):
             rows[slot].update(text=res.text, finish_reason=res.finish_reason,
                               num_input_tokens=res.num_input_tokens, num_output_tokens=res.num_output_tokens)
             if res.error:
-                rows[slot].update(error=res.error, stage="engine")
+                rows[slot].update(error=res.error, error_kind=ENGINE_REQUEST, stage="engine")
         return pa.Table.from_pylist(rows, schema=self.schema)

@@ -67,11 +67,13 @@ def test_good_and_bad_images_give_one_row_each(tmp_path, tiny_checkpoint, ray_lo
     for rel, (_, prefix) in BAD.items():
         r = rows[rel]
         assert r["text"] is None and r["error"].startswith(prefix), r
-        assert r["stage"] == "decode"
+        assert r["stage"] == "decode" and r["error_kind"].startswith("image."), r
+    assert all(rows[rel]["error_kind"] is None for rel in GOOD)
     on_disk = json.loads((out / SUMMARY_FILE).read_text())
     assert on_disk["rows"] == summary["rows"] == len(GOOD) + len(BAD)
     assert on_disk["succeeded"] == len(GOOD) and on_disk["failed"] == len(BAD)
-    assert on_disk["errors_by_kind"]["ImageError(too_large)"] == 1
+    assert on_disk["errors_by_kind"]["image.too_large"] == 1
+    assert on_disk["errors_by_kind"]["image.empty"] == 1 and on_disk["errors_by_kind"]["image.not_an_image"] == 1
     assert on_disk["images_per_s"] > 0
 
 
@@ -100,7 +102,7 @@ def test_unwritable_output_exits_2(tmp_path, capsys):
 def test_output_with_foreign_files_needs_overwrite(tmp_path, capsys):
     _write_inputs(tmp_path / "in", {"a.png": image_bytes()})
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "part-000000.parquet").write_bytes(b"not ours")
+    (tmp_path / "out" / "notes.txt").write_bytes(b"not ours")
     code = run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 

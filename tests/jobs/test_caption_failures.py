@@ -41,10 +41,10 @@ def test_a_batch_that_kills_its_engine_becomes_error_rows(tmp_path, tiny_checkpo
     assert len(failed) <= 2  # only its batch (of 2 images)
     for r in rows:
         if r["id"] in failed:
-            assert r["error"].startswith("BatchFailed:") and r["text"] is None
+            assert r["error"].startswith("BatchFailed:") and r["text"] is None and r["error_kind"] == "engine.batch_failed"
         else:
             assert r["text"] == f"{r['prompt']} | {sizes[int(r['id'][4:7])][0]}x{sizes[int(r['id'][4:7])][1]}"
-    assert summary["errors_by_kind"] == {"BatchFailed": 2 * len(failed)}
+    assert summary["errors_by_kind"] == {"engine.batch_failed": 2 * len(failed)}
 
 
 def test_max_error_rate_fails_the_job(tmp_path, tiny_checkpoint, ray_local, capsys):

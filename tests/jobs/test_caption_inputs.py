@@ -79,6 +79,8 @@ def test_manifest_with_questions_and_carried_columns(tmp_path, local_s3, tiny_ch
     assert by_label["null"]["error"].startswith("SourceError(bad_source)")
     assert by_label["ssrf"]["error"].startswith("SourceError(blocked)")  # loopback is never fetched
     assert by_label["no question"]["error"].startswith("MissingQuestion")
+    assert [by_label[k]["error_kind"] for k in ("gone", "null", "ssrf", "no question", "red")] == [
+        "source.missing", "source.bad_source", "source.blocked", "input.missing_question", None]
     assert all(r["text"] is None for r in out if r["error"])
 
 
