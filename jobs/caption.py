@@ -501,17 +501,18 @@ def read_summary(plan: JobPlan) -> dict | None:
 def main(plan: JobPlan) -> dict:
     """Run the pipeline for a resolved plan; returns the summary (also written to _summary.json).
 
-    Starts or joins Ray as `jobs.caption_runtime.connect` says unless Ray is already initialised."""
+    Starts or joins Ray as `jobs.caption_runtime.connect` says, unless Ray is already initialised or
+    there is nothing to do."""
     from jobs.caption_runtime import connect
     from jobs.caption_stages import output_schema
 
-    connect(plan.config.ray_address, log_level=plan.config.log_level)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     start = time.perf_counter()
     previous = read_summary(plan)
     rows, expected = pending_rows(plan)
     engine, written = None, 0
     if rows:
+        connect(plan.config.ray_address, log_level=plan.config.log_level)
         print(f"{len(expected)} of {plan.manifest.num_shards} shards to do ({len(rows)} images)", flush=True)
         ds, engine = build_dataset(plan, rows)
         writer = ShardWriter(plan.out_fs, plan.out_root, plan.config.format, expected, output_schema(plan.extra_fields))

@@ -134,7 +134,7 @@ def listing_fingerprint(items: Sequence[InputItem], root: str = "") -> str:
     input are taken relative to it, so the same folder named through a symlink lists the same."""
     h = hashlib.sha256()
     for item in items:
-        h.update(repr((item.id, _below_root(item.source, root), item.question, item.extra)).encode("utf-8", "surrogateescape"))
+        h.update(repr((item.id, _below_root(item.source, root), item.question, item.extra, item.error)).encode("utf-8", "surrogateescape"))
         h.update(b"\0")
     return h.hexdigest()
 
