@@ -1,6 +1,7 @@
 """Throughput benchmark on the GPU machine: raylens vs a plain lmdeploy pipeline vs plain transformers.
 
     python -m bench.throughput --sizes 1b --tiles 1 12 --out bench/results/h100-1b.json
+    python -m bench.throughput table a.json b.json     # one table over several runs' results
 
 For each checkpoint size (random weights, real InternVL2 layer sizes) and tile budget, each contender runs
 in its own process on the same JPEGs (640x480) with greedy decoding, `ignore_eos` and 64 new tokens, while
@@ -175,7 +176,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_of_files(paths: list[str]) -> str:
+    """One table over the results of several runs (e.g. a pipeline and a raylens run of one device call
+    given different image counts, so that each has at least 30 s of steady state)."""
+    return table([r for path in paths for r in json.loads(Path(path).read_text())["results"]])
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["table"]:  # python -m bench.throughput table RESULT.json [RESULT.json ...]
+        print(table_of_files(argv[1:]))
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["1b"], choices=["tiny", "1b", "2b"])

@@ -64,6 +64,19 @@ def test_contender_layouts():
             contender_layout(bad)
 
 
+def test_table_over_several_result_files(tmp_path, capsys):
+    """Runs of one device call with different image counts compare against each other's pipeline."""
+    def result(contender, ips):
+        return dict(contender=contender, size="2b", max_tiles=1, workload="fixed", images=100, images_per_s=ips,
+                    output_tokens_per_s=0, gpu_util_mean=0, startup_s=30, bound_images_per_s=400.0)
+
+    (tmp_path / "a.json").write_text(json.dumps({"results": [result("pipeline", 50.0)]}))
+    (tmp_path / "b.json").write_text(json.dumps({"results": [result("raylens", 160.0)]}))
+    assert main(["table", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert "| raylens | 100 | 160.0 | 0 | 0 | 3.20x | - | 400.0 (40%) | 30 |" in rows[3]
+
+
 def test_table_gives_scaling_efficiency_against_one_gpu():
     def result(contender, ips, size="1b"):
         return dict(contender=contender, size=size, max_tiles=1, images=100, images_per_s=ips,
