@@ -15,11 +15,13 @@ mkdir -p /tmp/devsite/ray/dashboard/client/build/static  # the carried Ray has n
 nvidia-smi -L
 T="python -m bench.throughput --gpu-sample-ms 200 --timeline --sizes 2b --batch-size 32"
 show() { grep -E '^\| |rror' | grep -v -e '--- |' -e 'contender |' | tail -2; }
+timeout 90 python -c "from pathlib import Path; from bench.throughput import ensure_checkpoint; from bench.data import \
+write_images; w = Path('/tmp/raylens-bench'); ensure_checkpoint(w, '2b'); write_images(w / 'images', 4096)"
 timeout 75 $T --tiles 1 --images 1536 --contenders pipeline --timeout 70 --out $OUT/i16-2b-t1-pipeline.json 2>&1 | show
-timeout 110 $T --tiles 1 --images 4608 --contenders raylens --timeout 105 --out $OUT/i16-2b-t1-raylens.json 2>&1 | show
-timeout 100 $T --tiles 1 --images 4608 --batches-in-flight 16 --engine-options '{"max_batch_size": 256}' \
+timeout 110 $T --tiles 1 --images 4096 --contenders raylens --timeout 105 --out $OUT/i16-2b-t1-raylens.json 2>&1 | show
+timeout 100 $T --tiles 1 --images 4096 --batches-in-flight 16 --engine-options '{"max_batch_size": 256}' \
     --contenders raylens --timeout 95 --out $OUT/i16-2b-t1-raylens-double-buffered.json 2>&1 | show
-timeout 70 $T --tiles 12 --images-many-tiles 384 --contenders pipeline --timeout 65 --out $OUT/i16-2b-t12-pipeline.json 2>&1 | show
-timeout 100 $T --tiles 12 --images-many-tiles 576 --contenders raylens --timeout 95 --out $OUT/i16-2b-t12-raylens.json 2>&1 | show
+timeout 70 $T --tiles 12 --images-many-tiles 352 --contenders pipeline --timeout 65 --out $OUT/i16-2b-t12-pipeline.json 2>&1 | show
+timeout 100 $T --tiles 12 --images-many-tiles 512 --contenders raylens --timeout 95 --out $OUT/i16-2b-t12-raylens.json 2>&1 | show
 timeout 25 python -m bench.omp_straggler --out $OUT/i16-omp-straggler.json | tail -9
 python -m bench.throughput table $OUT/i16-2b-*.json
