@@ -137,3 +137,59 @@ def _actors(cluster: LocalCluster, name: str) -> list[dict]:
                              "--limit 10000 --detail", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [a for a in json.loads(proc.stdout) if name in (a.get("class_name") or "")]
+
+
+def test_readme_serve_deploy_then_one_chat_request_with_the_openai_client(cluster, tmp_path):
+    """`serve deploy serve/config.yaml` on the cluster, then the official openai client asks for a caption.
+    The one change to the README's lines: a copy of serve/config.yaml that listens on a free port, since
+    other programs on this machine may hold port 8000."""
+    pytest.importorskip("serve.config", reason="the endpoint (serve/) is not on main yet")
+    import base64
+
+    import yaml
+    from openai import OpenAI
+
+    from local_cluster import free_ports
+    from raylens.prompts import DEFAULT_CAPTION_PROMPT
+
+    (port,) = free_ports(1)
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    assert config["http_options"]["port"] == 8000 and config["http_options"]["host"] == "127.0.0.1"
+    config["http_options"]["port"] = port
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    script = readme_block("cluster-serve").replace(README_DASHBOARD, cluster.dashboard_url)
+    assert "serve deploy serve/config.yaml" in script
+    proc = cluster.run_shell("set -euo pipefail\n" + script.replace("serve/config.yaml", str(config_path)), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    try:
+        _wait_for_health(f"http://127.0.0.1:{port}/health", cluster, timeout=300)
+        image = EXAMPLES[0]
+        data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-needed", timeout=120, max_retries=0)
+        model = client.models.list().data[0].id
+        answer = client.chat.completions.create(model=model, temperature=0, max_tokens=64, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                         {"type": "text", "text": DEFAULT_CAPTION_PROMPT}]}])
+        assert answer.choices[0].message.content == _expected_caption(image)  # what the batch job writes
+        assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens > 0
+    finally:
+        down = cluster.run_shell(f"RAY_AUTH_MODE=token serve shutdown -y --address {cluster.dashboard_url}", timeout=180)
+        assert down.returncode == 0, down.stderr[-2000:]
+
+
+def _wait_for_health(url: str, cluster: LocalCluster, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(2)
+    status = cluster.run_shell(f"RAY_AUTH_MODE=token serve status --address {cluster.dashboard_url}", timeout=60)
+    raise AssertionError(f"{url} not healthy after {timeout:.0f} s\n{status.stdout}\n{cluster.log_tail()}")
