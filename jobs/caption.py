@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -503,7 +502,7 @@ def main(plan: JobPlan) -> dict:
 
     Starts or joins Ray as `jobs.caption_runtime.connect` says, unless Ray is already initialised or
     there is nothing to do."""
-    from jobs.caption_runtime import connect
+    from jobs.caption_runtime import connect, engine_start_failures_reported_once
     from jobs.caption_stages import output_schema
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -516,8 +515,9 @@ def main(plan: JobPlan) -> dict:
         print(f"{len(expected)} of {plan.manifest.num_shards} shards to do ({len(rows)} images)", flush=True)
         ds, engine = build_dataset(plan, rows)
         writer = ShardWriter(plan.out_fs, plan.out_root, plan.config.format, expected, output_schema(plan.extra_fields))
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(batch)
+        with engine_start_failures_reported_once(plan.config.log_level in ("WARNING", "ERROR")):
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                writer.add(batch)
         record_lost_rows(plan, writer, rows)
         written = len(writer.written)
     else:
@@ -531,32 +531,24 @@ def main(plan: JobPlan) -> dict:
     return summary
 
 
-def engine_start_failure(exc: BaseException) -> str | None:
-    """The error that kept every engine actor from being built, or None for any other failure.
-
-    An engine whose constructor raises (a bad --engine-args key, a model lmdeploy refuses) kills its actor
-    before it takes a batch; Ray Data then gives up with ActorDiedError, whose text ends with the original
-    exception. That is a setup error, so the job reports that one line instead of Ray's traceback.
-    """
-    from ray.exceptions import ActorDiedError
-
-    if not isinstance(exc, ActorDiedError) or "creation task" not in str(exc):
-        return None
-    errors = re.findall(r"^\s*((?:\w+\.)*\w+(?:Error|Exception): .+)$", str(exc), flags=re.MULTILINE)
-    causes = [e for e in errors if not e.split(":", 1)[0].endswith("ActorDiedError")]
-    return causes[-1].strip() if causes else str(exc).splitlines()[0]
-
-
 def run(argv: list[str] | None = None) -> int:
     """The CLI: exit 0 done; 1 nothing processed, too many errors, no engine or Ray failed; 2 bad flags,
     --input, --output, --model or an unreachable --ray-address. Every failure is one line on stderr."""
-    from jobs.caption_runtime import RayUnavailable, configure_logging, failure_message, ray_address
+    from jobs.caption_runtime import (
+        RayUnavailable,
+        check_reachable,
+        configure_logging,
+        engine_start_failure,
+        failure_message,
+        ray_address,
+    )
 
     config = CaptionJobConfig.from_args(argv, description=__doc__)
     configure_logging(config.log_level)
     try:
+        check_reachable(ray_address(config.ray_address, os.environ))  # before a long listing, not after
         plan = setup(config)
-    except (UsageError, FileNotFoundError) as exc:
+    except (UsageError, FileNotFoundError, RayUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if plan.uses_demo_model:

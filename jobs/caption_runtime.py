@@ -16,11 +16,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import socket
 import sys
 import warnings
 from typing import Iterator, Mapping
 
 LOCAL = "local"
+CONNECT_TIMEOUT_S = 10.0
+logger = logging.getLogger("raylens.caption")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _HANDLER_NAME = "raylens-console"
 # raylens' loggers: the package's modules and the job's ("raylens.caption", "jobs.caption_stages").
@@ -44,14 +48,37 @@ def connect(flag: str | None, *, log_level: str = "WARNING", env: Mapping[str, s
     if ray.is_initialized():
         return address
     quiet = logging.getLevelName(log_level) >= logging.WARNING
+    check_reachable(address)
     try:
         with _quiet_token_notice(quiet and address == LOCAL):
-            ray.init(address=address, logging_level=log_level)
+            # Workers' output reaches this console only with --log-level INFO or DEBUG: at WARNING their
+            # failures arrive as error rows or as one line from this driver instead of Ray's forwarded
+            # tracebacks (the full logs stay in the Ray session's log folder). On the private instance,
+            # "task failed, will be retried" notices (a traceback each) are off too: a retry that
+            # succeeds changes nothing, one that fails for good is reported by the job. A cluster keeps
+            # its operator's settings.
+            options = {"_system_config": {"enable_output_error_log_if_still_retry": False}} if (
+                quiet and address == LOCAL) else {}
+            ray.init(address=address, logging_level=log_level, log_to_driver=not quiet, **options)
     except Exception as exc:  # noqa: BLE001 - every way of not getting a Ray ends in one line
         raise RayUnavailable(unavailable_message(address, exc)) from exc
+    logger.info("Ray: %s", "a private local instance" if address == LOCAL else f"the cluster at {address}")
     if quiet:
         quiet_actor_restart_notice()
     return address
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, in one line, when nothing answers at a host:port address: Ray 2.60's
+    `ray.init` retries an unreachable GCS for minutes, printing a warning every few seconds."""
+    host, sep, port = address.rpartition("://")[2].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return  # "local", "auto": nothing to dial
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RayUnavailable(unavailable_message(address, ConnectionError(
+            f"nothing answers at {host}:{port} within {timeout_s:.0f} s: {exc}"))) from None
 
 
 def unavailable_message(address: str, exc: BaseException) -> str:
@@ -166,3 +193,43 @@ def _quiet_token_notice(enabled: bool) -> Iterator[None]:
     finally:
         if enabled:
             log.removeFilter(drop)
+
+
+# ------------------------------------------------------------------------------------- engine start
+def engine_start_failure(exc: BaseException) -> str | None:
+    """The error that kept every engine actor from being built, or None for any other failure.
+
+    An engine whose constructor raises (a bad --engine-args key, a model lmdeploy refuses) kills its actor
+    before it takes a batch; Ray Data then gives up with ActorDiedError, whose text ends with the original
+    exception. That is a setup error, so the job reports that one line instead of Ray's traceback.
+    """
+    from ray.exceptions import ActorDiedError
+
+    if not isinstance(exc, ActorDiedError) or "creation task" not in str(exc):
+        return None
+    errors = re.findall(r"^\s*((?:\w+\.)*\w+(?:Error|Exception): .+)$", str(exc), flags=re.MULTILINE)
+    causes = [e for e in errors if not e.split(":", 1)[0].endswith("ActorDiedError")]
+    return causes[-1].strip() if causes else str(exc).splitlines()[0]
+
+
+@contextlib.contextmanager
+def engine_start_failures_reported_once(enabled: bool = True) -> Iterator[None]:
+    """Ray Data 2.60 logs a failed execution's whole stack on the console (calling it a Ray bug to
+    report) before it re-raises. When the failure is an engine that could not be built, the job says so
+    in one line (`engine_start_failure`), so Ray Data's console copy is hidden; its log file keeps it
+    (Ray Data's own `hide` record attribute). Revisit past Ray 2.60."""
+    log = logging.getLogger("ray.data.exceptions")
+
+    def mark(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        if exc is not None and engine_start_failure(exc) is not None:
+            record.hide = True
+        return True
+
+    if enabled:
+        log.addFilter(mark)
+    try:
+        yield
+    finally:
+        if enabled:
+            log.removeFilter(mark)

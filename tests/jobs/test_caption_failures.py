@@ -107,3 +107,5 @@ def test_an_engine_that_cannot_be_built_fails_the_job_with_its_error(tmp_path, t
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert ("error: the engine could not start: TypeError: UnbuildableEngine.__init__() got an unexpected keyword "
             "argument 'num_gpu_blockz'") in proc.stderr
+    # that line, not Ray's tracebacks of the actor (it printed about 190 lines before; issue 10 item 15)
+    assert "Traceback" not in proc.stdout + proc.stderr and len((proc.stdout + proc.stderr).splitlines()) < 20
