@@ -1,20 +1,24 @@
 """Caption (or question) images with an InternVL2 model on Ray Data: a directory or S3 prefix of images,
 Parquet/JSONL/CSV manifests (optionally with a question per row), or WebDataset shards.
 
-Locally (starts a Ray instance when none is running):
+Locally (on a private Ray instance of its own, never one already running on the machine):
 
     python -m jobs.caption --input examples/images --output out/captions
 
-On a cluster:
+On a cluster (`ray job submit` sets RAY_ADDRESS; or pass --ray-address host:port):
 
     ray job submit --working-dir . -- python -m jobs.caption \\
         --input s3://bucket/images/ --output s3://bucket/captions/ --model OpenGVLab/InternVL2-2B
 
 Stages (see jobs/caption_stages.py): list inputs (driver) -> read, decode, validate, downscale (CPU tasks)
 -> generate (actor pool: GPU actors where the cluster has GPUs, CPU actors otherwise) -> one Parquet file
-per shard of inputs, written when complete (jobs/caption_output.py): rerunning resumes, exactly once.
-`setup()` resolves and validates everything that can fail before Ray starts; `main()` runs the pipeline.
-Exit codes: 0 done; 1 nothing could be processed; 2 bad --input/--output or arguments.
+per shard of inputs, written when complete (jobs/caption_output.py): rerunning the same command resumes,
+exactly once, and a rerun with other inputs, model or output-changing settings is refused, naming each
+difference (jobs/caption_identity.py). --overwrite deletes only the job's own files, and --output may not
+overlap --input. `setup()` resolves and validates everything that can fail before Ray starts; `main()`
+runs the pipeline.
+Exit codes: 0 done; 1 nothing could be processed, too many errors, no engine, or Ray failed mid-run;
+2 bad flags, --input, --output, --model, an unreachable --ray-address, or a rerun that does not match.
 """
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ class CaptionJobConfig:
     # -- data -------------------------------------------------------------------------------
     input: str = _f(None, "directory of images (recursive; jpg jpeg png webp bmp gif tiff) or s3://bucket/prefix/", required=True)
     output: str = _f(None, "output directory or s3://bucket/prefix/ for Parquet files and _summary.json", required=True)
-    overwrite: bool = _f(False, "delete earlier results under --output first (default: resume, skipping finished shards)")
+    overwrite: bool = _f(False, "start over: delete the job's own files under --output (part files, _manifest.json, "
+                                "_summary.json), never other files (default: resume, skipping finished shards of the "
+                                "same inputs and settings)")
     format: str = _f("parquet", "output file format", choices=("parquet", "jsonl"))
     image_column: str = _f("image", "manifest column holding each row's image (local path, s3:// URI or http(s) URL)")
     question_column: str | None = _f(None, "manifest column holding each row's own question (VQA); replaces --prompt")
