@@ -167,8 +167,9 @@ def check_context_length(config: CaptionJobConfig, spec, tiling: TilingSpec) -> 
     tiles = tiling.max_tiles + (1 if tiling.use_thumbnail and tiling.max_tiles > 1 else 0)
     image_tokens = spec.image_tokens(tiles)
     if config.max_new_tokens + image_tokens > context:
-        fits = (context - config.max_new_tokens) // spec.image_tokens_per_tile - (1 if tiling.use_thumbnail else 0)
-        tiles_hint = f" or --max-tiles to at most {fits}" if fits >= 1 else ""
+        room = (context - config.max_new_tokens) // spec.image_tokens_per_tile  # tiles, thumbnail included
+        fits = room - 1 if tiling.use_thumbnail and room >= 2 else room  # a single tile has no thumbnail
+        tiles_hint = f" or --max-tiles to at most {fits}" if fits >= max(tiling.min_tiles, 1) else ""
         raise UsageError(f"--max-new-tokens {config.max_new_tokens} plus up to {image_tokens} image tokens "
                          f"(--max-tiles {tiling.max_tiles}) exceed the model's context of {context} tokens: lower "
                          f"--max-new-tokens to at most {context - image_tokens}{tiles_hint}")
