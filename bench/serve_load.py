@@ -8,8 +8,8 @@ Each request: one 640x480 JPEG as a data URL + "Describe the image.", 64 new tok
 greedy, streamed with `stream_options.include_usage`. At each concurrency C, C client tasks send requests
 back to back for `--level-seconds` (at least `C` requests in all); the level reports requests/s and output
 tokens/s over its wall time, p50/p99 latency and time to first token (TTFT), and failures by status.
-The batch job (`jobs.caption`) runs on the same images, checkpoint and tiles for the images/s the
-endpoint is compared with (the issue's goal: >= 0.8x the batch job and >= 2x api_server at C=64).
+The batch job's steady-state images/s on the same checkpoint and tiles comes from `bench.throughput`'s
+raylens contender (the issue's goal: >= 0.8x the batch job and >= 2x api_server at C=64).
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def wait_ready(base: str, timeout_s: float, api_key: str | None = None) -> str:
 class RaylensServer:
     """The raylens endpoint on a private Ray instance in this process (lmdeploy engine on the GPU)."""
 
-    def __init__(self, checkpoint: str, tiles: int, engine_args: dict) -> None:
+    def __init__(self, checkpoint: str, tiles: int, engine_args: dict, engine: str = "lmdeploy") -> None:
         import ray
         from ray import serve
 
@@ -158,11 +158,13 @@ class RaylensServer:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         self.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
-        config = ServeConfig(model=checkpoint, engine="lmdeploy", engine_args=engine_args, max_tiles=tiles,
+        gpus = 1 if engine == "lmdeploy" else 0
+        config = ServeConfig(model=checkpoint, engine=engine, engine_args=engine_args, max_tiles=tiles,
                              max_tokens_limit=4096, max_ongoing_requests=512, max_queued_requests=1024,
-                             target_ongoing_requests=256, max_replicas=1, num_gpus=1,
-                             ingress_min_replicas=4, ingress_max_replicas=4, ingress_num_cpus=1)
-        serve.run(bind(config.with_engine_resolved(1)), name="raylens", route_prefix="/")
+                             target_ongoing_requests=256, max_replicas=1, num_gpus=gpus, num_cpus=0,
+                             ingress_min_replicas=4 if gpus else 1, ingress_max_replicas=4 if gpus else 1,
+                             ingress_num_cpus=1 if gpus else 0)
+        serve.run(bind(config.with_engine_resolved(gpus)), name="raylens", route_prefix="/")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
@@ -194,15 +196,20 @@ class ApiServer:
         self.log.close()
 
 
-def batch_job_images_per_s(checkpoint: str, tiles: int, images: Path, out: Path, timeout_s: int) -> dict:
-    """The batch job on the same images: its `_summary.json` images/s (steady state not separated)."""
-    command = [sys.executable, "-m", "jobs.caption", "--input", str(images), "--output", str(out), "--overwrite",
-               "--model", checkpoint, "--max-tiles", str(tiles), "--max-new-tokens", "64", "--ignore-eos"]
-    started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    summary = json.loads((out / "_summary.json").read_text()) if (out / "_summary.json").exists() else {}
-    return {"images_per_s": summary.get("images_per_s"), "rows": summary.get("rows"), "wall_s": round(time.perf_counter() - started, 1),
-            "exit_code": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
+def batch_job_images_per_s(size: str, tiles: int, n_images: int, max_tokens: int, engine: str, work: Path,
+                           timeout_s: int) -> dict:
+    """The batch job's steady-state images/s on the same checkpoint (same size, seed and workdir) and tiles,
+    measured by `bench.throughput`'s raylens contender (engine-ready timestamps, start-up excluded)."""
+    out = work / "batch-throughput.json"
+    command = [sys.executable, "-m", "bench.throughput", "--sizes", size, "--tiles", str(tiles), "--contenders", "raylens",
+               "--images", str(n_images), "--images-many-tiles", str(n_images), "--max-new-tokens", str(max_tokens),
+               "--engine", engine, "--workdir", str(work), "--timeout", str(timeout_s), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s + 120)
+    if not out.exists():
+        return {"error": f"bench.throughput exited {proc.returncode}: {proc.stderr[-2000:]}"}
+    row = json.loads(out.read_text())["results"][0]
+    return {key: row.get(key) for key in ("images_per_s", "output_tokens_per_s", "steady_s", "images", "gpu_util_mean",
+                                          "startup_s", "error")}
 
 
 def image_data_url(path: Path) -> str:
@@ -222,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
                    choices=["raylens", "api_server", "batch"])
     p.add_argument("--batch-images", type=int, default=512, help="images the batch job captions")
     p.add_argument("--engine-args", default="{}", help="JSON options of the raylens lmdeploy engine")
+    p.add_argument("--engine", default="lmdeploy", choices=["lmdeploy", "transformers"],
+                   help="raylens' engine (transformers: a CPU dry run of the whole script with --checkpoint)")
     p.add_argument("--url", help="measure this running endpoint only (with --quick: the CPU smoke test)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--quick", action="store_true", help="CPU smoke: --url's endpoint, C=1,2, 2 s per level, 4 tokens")
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.throughput import ensure_checkpoint
 
-    checkpoint = args.checkpoint or str(ensure_checkpoint(work / "checkpoints", args.size))
+    checkpoint = args.checkpoint or str(ensure_checkpoint(work, args.size))  # where bench.throughput finds it too
     if args.url:
         model = wait_ready(args.url, 600, args.api_key)
         rows = asyncio.run(sweep(f"{args.url}/v1/chat/completions", model, args.api_key, image_url, args.concurrency,
@@ -259,12 +268,15 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         print(f"== {name}", flush=True)
         if name == "batch":
-            images = work / "batch-images"
-            write_images(images, args.batch_images)
-            results["contenders"][name] = batch_job_images_per_s(checkpoint, args.tiles, images, work / "batch-out", 400)
+            if args.checkpoint:
+                results["contenders"][name] = {"error": "the batch figure needs --size (bench.throughput's checkpoints)"}
+                continue
+            results["contenders"][name] = batch_job_images_per_s(args.size, args.tiles, args.batch_images, args.max_tokens,
+                                                                args.engine, work, 300)
             print(f"  {results['contenders'][name]}", flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
             continue
-        server = RaylensServer(checkpoint, args.tiles, json.loads(args.engine_args)) if name == "raylens" \
+        server = RaylensServer(checkpoint, args.tiles, json.loads(args.engine_args), args.engine) if name == "raylens" \
             else ApiServer(checkpoint, work / "api_server.log")
         try:
             model = wait_ready(server.url, 600)

@@ -10,7 +10,7 @@ source .devsite/activate.sh
 mkdir -p /tmp/devsite/ray/dashboard/client/build/static  # the carried Ray has no dashboard build
 nvidia-smi -L
 export LMDEPLOY_ENABLE_CHECK_ENV=0
-timeout 200 python -m pytest -q -m gpu tests/serve 2>&1 | tail -15
+timeout 200 python -m pytest -q tests/serve/test_endpoint_gpu.py 2>&1 | tail -15
 timeout 360 python -m bench.serve_load --size 2b --tiles 12 --concurrency 1 16 64 256 --level-seconds 12 \
     --batch-images 384 --workdir /tmp/serve-load --out "$OUT/serve-load-2b-t12.json" 2>&1 | grep -vE "^\(|INFO|WARNING" | tail -40
 cp /tmp/serve-load/api_server.log "$OUT/" 2>/dev/null || true

@@ -56,8 +56,10 @@ def endpoint(ray_local):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(bind(ServeConfig(**MAIN_ARGS).with_engine_resolved(0)), name="main", route_prefix="/")
-        serve.run(bind(ServeConfig(**SMALL_ARGS).with_engine_resolved(0)), name="small", route_prefix="/small")
+        serve.run_many([  # both at once: their replicas start side by side
+            serve.RunTarget(bind(ServeConfig(**MAIN_ARGS).with_engine_resolved(0)), name="main", route_prefix="/"),
+            serve.RunTarget(bind(ServeConfig(**SMALL_ARGS).with_engine_resolved(0)), name="small", route_prefix="/small"),
+        ])
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -329,6 +331,27 @@ def test_fuzzed_request_bodies_never_get_a_5xx(endpoint):
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
     check()
+
+
+def test_metrics_reach_rays_metrics_port(endpoint):
+    """Request counts by status, latency, time to first token and tokens are exported where Prometheus
+    scrapes Ray (the node's metrics port), beside Serve's own queue metrics."""
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    assert post(endpoint, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code == 200
+    assert post(endpoint, {"messages": []}).status_code == 400
+    wanted = ['ray_raylens_requests_total{', 'status="200"', 'status="400"', "ray_raylens_time_to_first_token_s_count",
+              "ray_raylens_request_latency_s_bucket", 'ray_raylens_tokens_total{', 'kind="completion"',
+              "ray_raylens_inflight_requests", "ray_serve_deployment_queued_queries"]
+    deadline = time.monotonic() + 40
+    while True:
+        body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = [w for w in wanted if w not in body]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, (missing, [line for line in body.splitlines() if "raylens" in line and not line.startswith("#")])
 
 
 # -------------------------------------------------------------------------------------- overload
