@@ -138,11 +138,11 @@ def _as_item(result) -> VLDelta | RequestFailure:
 
 
 async def coalesce(source: AsyncIterator, interval_s: float) -> AsyncIterator:
-    """The first item at once, then deltas merged so that at most one goes out per `interval_s`; anything
-    that is not a plain text delta (a failure, the last delta) goes out at once."""
+    """Deltas at once until the first text has gone out, then merged so that at most one goes out per
+    `interval_s`; anything that is not a plain text delta (a failure, the last delta) goes out at once."""
     pending: VLDelta | None = None
     last_sent = 0.0
-    first = True
+    text_sent = False
     async for item in source:
         if not isinstance(item, VLDelta):
             if pending is not None:
@@ -152,9 +152,10 @@ async def coalesce(source: AsyncIterator, interval_s: float) -> AsyncIterator:
             continue
         pending = item if pending is None else _merge(pending, item)
         now = time.monotonic()
-        if first or pending.finish_reason is not None or now - last_sent >= interval_s:
+        if not text_sent or pending.finish_reason is not None or now - last_sent >= interval_s:
+            text_sent = text_sent or bool(pending.text)
             yield pending
-            pending, last_sent, first = None, now, False
+            pending, last_sent = None, now
     if pending is not None:
         yield pending
 
