@@ -3,8 +3,10 @@
     python -m bench.cpu --out bench/results/cpu.json
 
 Reports (a) preprocessing images/s per core (decode + grid + downscale, and tile + normalise) for photo
-sizes and tile budgets, and (b) the Ray pipeline's overhead: the job on N images with the tiny model
-versus the same engine called directly in a loop. It reports; it asserts nothing about speed.
+sizes and tile budgets, exact (the default: equal to the reference preprocessing) and with
+`--fast-jpeg-decode` (JPEG draft mode), with how far the fast path's tiles are from the exact ones, and
+(b) the Ray pipeline's overhead: the job on N images with the tiny model versus the same engine called
+directly in a loop. It reports; it asserts nothing about speed.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from raylens.images import TilingSpec, decode_prepared, pixel_values_for
+from raylens.images import TilingSpec, decode_prepared, make_tiles, pixel_values_for
 
 
 def _jpeg(size: tuple[int, int], seed: int = 0) -> bytes:
@@ -33,24 +35,43 @@ def _jpeg(size: tuple[int, int], seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def _rate(data: bytes, spec: TilingSpec, seconds: float, fast_jpeg: bool):
+    """(decode+grid+downscale per s, tile+normalise per s, the last PreparedImage) on one core."""
+    n, t0 = 0, time.perf_counter()
+    prep_s = tile_s = 0.0
+    while time.perf_counter() - t0 < seconds:
+        a = time.perf_counter()
+        prepared = decode_prepared(data, spec, fast_jpeg=fast_jpeg)  # what the job's CPU tasks run
+        b = time.perf_counter()
+        pixel_values_for(prepared)
+        prep_s += b - a
+        tile_s += time.perf_counter() - b
+        n += 1
+    return round(n / prep_s, 1), round(n / tile_s, 1), prepared
+
+
+def _difference(fast, exact) -> dict:
+    """How far the fast path's tiles are from the exact ones: grey levels (uint8) and normalised values."""
+    a = np.stack([np.asarray(t) for t in make_tiles(fast)]).astype(np.int16)
+    b = np.stack([np.asarray(t) for t in make_tiles(exact)]).astype(np.int16)
+    levels = np.abs(a - b)
+    values = np.abs(pixel_values_for(fast) - pixel_values_for(exact))
+    return {"fast_max_levels": int(levels.max()), "fast_mean_levels": round(float(levels.mean()), 3),
+            "fast_values_off_pct": round(100 * float((levels > 0).mean()), 1),
+            "fast_max_abs_normalised": round(float(values.max()), 3)}
+
+
 def preprocessing(seconds: float = 2.0) -> list[dict]:
     rows = []
     for size in [(640, 480), (1920, 1080), (4032, 3024)]:
         data = _jpeg(size)
         for max_tiles in (1, 6, 12):
             spec = TilingSpec(tile_size=448, max_tiles=max_tiles)
-            n, t0 = 0, time.perf_counter()
-            prep_s = tile_s = 0.0
-            while time.perf_counter() - t0 < seconds:
-                a = time.perf_counter()
-                prepared = decode_prepared(data, spec)  # what the job's CPU tasks run
-                b = time.perf_counter()
-                pixel_values_for(prepared, spec)
-                prep_s += b - a
-                tile_s += time.perf_counter() - b
-                n += 1
-            rows.append({"image": f"{size[0]}x{size[1]}", "max_tiles": max_tiles, "tiles": prepared.num_tiles,
-                         "decode_grid_downscale_per_s": round(n / prep_s, 1), "tile_normalise_per_s": round(n / tile_s, 1)})
+            exact_rate, tile_rate, exact = _rate(data, spec, seconds, fast_jpeg=False)
+            fast_rate, _, fast = _rate(data, spec, seconds, fast_jpeg=True)
+            rows.append({"image": f"{size[0]}x{size[1]}", "max_tiles": max_tiles, "tiles": exact.num_tiles,
+                         "decode_grid_downscale_per_s": exact_rate, "fast_jpeg_per_s": fast_rate,
+                         "tile_normalise_per_s": tile_rate, **_difference(fast, exact)})
     return rows
 
 
@@ -70,7 +91,7 @@ def pipeline_overhead(n_images: int = 48) -> dict:
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
 
     engine = TransformersEngine(str(ckpt), max_batch_size=16)
-    spec = engine.tiling(1)
+    spec = engine.spec.tiling(1)
     t0 = time.perf_counter()
     for i in range(0, n_images, 16):
         reqs = [VLRequest(str(p), "Describe.", decode_prepared(p.read_bytes(), spec)) for p in paths[i : i + 16]]
@@ -96,10 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     result = {"preprocessing_one_core": preprocessing(a.seconds), "pipeline_overhead": pipeline_overhead(a.images)}
-    print("| image | max tiles | tiles | decode+grid+downscale /s | tile+normalise /s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| image | max tiles | tiles | decode+grid+downscale /s | with --fast-jpeg-decode /s | tile+normalise /s "
+          "| fast: max / mean grey levels off | fast: values off | fast: max abs normalised |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in result["preprocessing_one_core"]:
-        print(f"| {r['image']} | {r['max_tiles']} | {r['tiles']} | {r['decode_grid_downscale_per_s']} | {r['tile_normalise_per_s']} |")
+        print(f"| {r['image']} | {r['max_tiles']} | {r['tiles']} | {r['decode_grid_downscale_per_s']} | "
+              f"{r['fast_jpeg_per_s']} | {r['tile_normalise_per_s']} | {r['fast_max_levels']} / {r['fast_mean_levels']} | "
+              f"{r['fast_values_off_pct']}% | {r['fast_max_abs_normalised']} |")
     print(json.dumps(result["pipeline_overhead"]))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -310,7 +310,8 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
             batch_size=cfg.batch_size,  # keeps blocks batch-sized all the way to the engine
             batch_format="pyarrow",
             fn_kwargs=dict(filesystems=SourceFilesystems.create(plan.s3, roots=plan.read_roots), fetcher=fetcher, tiling=plan.tiling,
-                           max_pixels=cfg.max_pixels, log_level=cfg.log_level),
+                           max_pixels=cfg.max_pixels, log_level=cfg.log_level, fast_jpeg=cfg.fast_jpeg_decode,
+                           background=cfg.alpha_background_rgb()),
             num_cpus=1,
             # Spread decoding over the cluster's CPUs. Passing the args through a function also keeps Ray
             # Data from fusing this stage into the engine actors: fused, the GPU actor would decode images.
@@ -339,7 +340,7 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
                 engine=engine,
                 model=cfg.model, s3=plan.s3, model_name=plan.model_name, engine_options=engine_options,
                 params=params, prompts=list(cfg.prompt), use_question_column=bool(cfg.question_column),
-                max_tiles=cfg.max_tiles, extra_fields=plan.extra_fields, log_level=cfg.log_level,
+                extra_fields=plan.extra_fields, log_level=cfg.log_level,
             ),
             **_engine_resources(cfg.gpus_per_replica if has_gpus else 0, tp),
             # A dead engine actor is restarted (Ray Data's default) and its batch retried, but only this

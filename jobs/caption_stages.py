@@ -6,7 +6,10 @@ Column flow for one image `cats/a.jpg` under `--input /data` (a manifest adds it
     listing         id: "cats/a.jpg", image: "/data/cats/a.jpg", __source: "/data/cats/a.jpg", __shard: 0,
                     __question: null, __listing_error: null, label: "cat"
     prepare (CPU)   + __pixels (raw uint8 RGB of the downscaled image), __height, __width, __grid_cols,
-                      __grid_rows, num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."),
+                      __grid_rows, __orig_width, __orig_height, __thumbnail (raw uint8 RGB tile made from the
+                      original, or empty), __tile_size, __min_tiles, __max_tiles, __use_thumbnail (the tiling
+                      the image was prepared with: the engine cuts it with that, --max-tiles travels only here),
+                      num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."),
                       error_kind ("image.<kind>" / "source.<kind>"), stage
     generate (GPU)  -> one row per (image, prompt): id, prompt_index, image, prompt, text, error, error_kind, stage,
                        model, num_tiles, num_input_tokens, num_output_tokens, finish_reason, label, __shard
@@ -35,15 +38,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
 
 from jobs.caption_runtime import configure_logging
-from raylens.engines.base import SamplingParams, VLRequest, format_error
+from raylens.engines.base import EngineDeadError, SamplingParams, VLRequest, format_error
 from raylens.errors import KindError
 from raylens.fetch import UrlFetcher
-from raylens.images import PreparedImage, TilingSpec, decode_prepared
+from raylens.images import RGB, PreparedImage, TilingSpec, decode_prepared
 from raylens.sources import SourceError, SourceFilesystems, read_source
 
 logger = logging.getLogger(__name__)
@@ -57,8 +61,16 @@ LISTING_SCHEMA = pa.schema([
 PREPARED_FIELDS = [
     ("__pixels", pa.binary()), ("__height", pa.int32()), ("__width", pa.int32()), ("__grid_cols", pa.int32()),
     ("__grid_rows", pa.int32()), ("__orig_width", pa.int32()), ("__orig_height", pa.int32()),
-    ("num_tiles", pa.int32()), ("error", pa.string()), ("error_kind", pa.string()), ("stage", pa.string()),
+    ("__thumbnail", pa.binary()), ("__tile_size", pa.int32()), ("__min_tiles", pa.int32()), ("__max_tiles", pa.int32()),
+    ("__use_thumbnail", pa.bool_()), ("num_tiles", pa.int32()), ("error", pa.string()), ("error_kind", pa.string()),
+    ("stage", pa.string()),
 ]
+# What an image-less (failed) row carries in those columns.
+_EMPTY_PREPARED = {"__pixels": b"", "__height": 0, "__width": 0, "__grid_cols": 0, "__grid_rows": 0, "__orig_width": 0,
+                   "__orig_height": 0, "__thumbnail": b"", "__tile_size": 0, "__min_tiles": 0, "__max_tiles": 0,
+                   "__use_thumbnail": False, "num_tiles": 0}
+# Exit status of an engine actor whose engine died: Ray sees an unexpected exit and restarts the actor.
+ENGINE_DEAD_EXIT = 70
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt_index", pa.int32()), ("image", pa.string()), ("prompt", pa.string()),
     ("text", pa.string()), ("error", pa.string()), ("error_kind", pa.string()), ("stage", pa.string()), ("model", pa.string()),
@@ -117,8 +129,11 @@ def error_kind_of(exc: BaseException, stage: str) -> str:
 
 
 def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: UrlFetcher, tiling: TilingSpec,
-                  max_pixels: int, log_level: str = "WARNING") -> pa.Table:
-    """Read, decode, validate and downscale each image (CPU task). Failures become that row's error."""
+                  max_pixels: int, log_level: str = "WARNING", fast_jpeg: bool = False,
+                  background: RGB | None = None) -> pa.Table:
+    """Read, decode, validate and downscale each image (CPU task). Failures become that row's error.
+    `fast_jpeg` and `background` are `raylens.images.decode_prepared`'s options (--fast-jpeg-decode,
+    --alpha-background)."""
     configure_logging(log_level)
     out: dict[str, list] = {name: [] for name, _ in PREPARED_FIELDS}
     listing_errors = batch.column("__listing_error").to_pylist()
@@ -129,10 +144,9 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
                 raise SourceError("bad_row", listing_error)
             data = read_source(source, filesystems=filesystems, fetcher=fetcher)
             stage = "decode"
-            prepared = decode_prepared(data, tiling, max_pixels=max_pixels)
+            prepared = decode_prepared(data, tiling, max_pixels=max_pixels, fast_jpeg=fast_jpeg, background=background)
         except Exception as exc:  # noqa: BLE001 - every failure is data about this row
-            for k, v in (("__pixels", b""), ("__height", 0), ("__width", 0), ("__grid_cols", 0), ("__grid_rows", 0),
-                         ("__orig_width", 0), ("__orig_height", 0), ("num_tiles", 0)):
+            for k, v in _EMPTY_PREPARED.items():
                 out[k].append(v)
             out["error"].append(_error_text(exc))
             out["error_kind"].append(error_kind_of(exc, stage))
@@ -146,6 +160,12 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
         out["__grid_rows"].append(prepared.grid[1])
         out["__orig_width"].append(prepared.original_size[0])
         out["__orig_height"].append(prepared.original_size[1])
+        thumbnail = prepared.thumbnail
+        out["__thumbnail"].append(b"" if thumbnail is None else np.ascontiguousarray(thumbnail).tobytes())
+        out["__tile_size"].append(tiling.tile_size)
+        out["__min_tiles"].append(tiling.min_tiles)
+        out["__max_tiles"].append(tiling.max_tiles)
+        out["__use_thumbnail"].append(tiling.use_thumbnail)
         out["num_tiles"].append(prepared.num_tiles)
         out["error"].append(None)
         out["error_kind"].append(None)
@@ -158,8 +178,14 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
 def _prepared_from_row(row: dict) -> PreparedImage:
     h, w = int(row["__height"]), int(row["__width"])
     pixels = np.frombuffer(row["__pixels"], dtype=np.uint8).reshape(h, w, 3)
+    tiling = TilingSpec(tile_size=int(row["__tile_size"]), min_tiles=int(row["__min_tiles"]),
+                        max_tiles=int(row["__max_tiles"]), use_thumbnail=bool(row["__use_thumbnail"]))
+    thumbnail = None
+    if row["__thumbnail"]:
+        thumbnail = np.frombuffer(row["__thumbnail"], dtype=np.uint8).reshape(tiling.tile_size, tiling.tile_size, 3)
     return PreparedImage(pixels=pixels, grid=(int(row["__grid_cols"]), int(row["__grid_rows"])),
-                         num_tiles=int(row["num_tiles"]), original_size=(int(row["__orig_width"]), int(row["__orig_height"])))
+                         num_tiles=int(row["num_tiles"]), original_size=(int(row["__orig_width"]), int(row["__orig_height"])),
+                         tiling=tiling, thumbnail=thumbnail)
 
 
 class GenerateStage:
@@ -167,12 +193,13 @@ class GenerateStage:
 
     `__call__` is a coroutine, so Ray Data keeps several batches in flight per actor and an async engine
     (lmdeploy) sees all of them at once. An engine that raises fails the batch's rows with the error
-    (stage "engine") instead of killing the job; an engine that dies takes the actor with it, and Ray
-    retries the batch on a fresh actor.
+    (stage "engine") instead of killing the job. An engine that can no longer work (`EngineDeadError`)
+    ends the actor's process, as a crashed engine does: Ray restarts the actor and retries its batches
+    (up to --engine-retries), instead of every later batch becoming error rows.
     """
 
     def __init__(self, *, engine: str, model: str | None, s3, model_name: str, engine_options: dict, params: SamplingParams,
-                 prompts: list[str], use_question_column: bool, max_tiles: int | None, extra_fields: list[pa.Field],
+                 prompts: list[str], use_question_column: bool, extra_fields: list[pa.Field],
                  log_level: str = "WARNING") -> None:
         from raylens.checkpoints.resolve import resolve_model
 
@@ -187,7 +214,6 @@ class GenerateStage:
         self.params = params
         self.prompts = list(prompts)
         self.use_question_column = use_question_column
-        self.max_tiles = max_tiles
         self.extra_names = [f.name for f in extra_fields]
         self.schema = stage_output_schema(extra_fields)
 
@@ -205,11 +231,15 @@ class GenerateStage:
                                error_kind=MISSING_QUESTION, stage="read")
                 if out["error"] is None:
                     slots.append(len(rows))
-                    requests.append(VLRequest(f"{row['id']}#{j}", prompt, prepared, max_tiles=self.max_tiles))
+                    requests.append(VLRequest(f"{row['id']}#{j}", prompt, prepared))
                 rows.append(out)
         try:
             results = await self.engine.generate(requests, self.params) if requests else []
         except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except EngineDeadError:
+            logger.exception("the engine died; ending this actor so Ray restarts it and retries its batches")
+            engine_died()
             raise
         except Exception as exc:  # noqa: BLE001
             logger.exception("engine failed on a batch of %d requests", len(requests))
@@ -222,3 +252,12 @@ class GenerateStage:
             if res.error:
                 rows[slot].update(error=res.error, error_kind=ENGINE_REQUEST, stage="engine")
         return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+def engine_died() -> None:
+    """End this actor's process. Raising would only fail the batch: Ray restarts an actor whose process
+    exits unexpectedly, not one whose method raised (and `ray.actor.exit_actor()` is an intended exit,
+    which it does not restart)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(ENGINE_DEAD_EXIT)

@@ -4,9 +4,18 @@ Why this module exists: every row of a batch job is decoded once, on a cheap CPU
 problem with it (empty, not an image, truncated, a decompression bomb) must become a row-level
 :class:`ImageError` instead of killing a worker. The tile grid is chosen there from the original size
 with the published InternVL ``dynamic_preprocess`` rule, and the image is shrunk to the grid's canvas,
-so what travels to an engine is a small uint8 :class:`PreparedImage`. The engine side turns it into
-normalised ``pixel_values`` with :func:`pixel_values_for`, which reproduces InternVL's
-resize -> row-major crop -> thumbnail -> ImageNet normalisation without torch or torchvision.
+so what travels to an engine is a small uint8 :class:`PreparedImage` (with the thumbnail made from the
+original beside it, and the tiling it was prepared with). The engine side turns it into normalised
+``pixel_values`` with :func:`pixel_values_for`, which reproduces InternVL's resize -> row-major crop ->
+thumbnail -> ImageNet normalisation without torch or torchvision.
+
+By default the result equals the references (the InternVL2 model card's ``load_image``, lmdeploy's
+InternVL preprocessing) value for value: ``convert("RGB")`` (alpha dropped, not composited), full JPEG
+decoding, the thumbnail from the original image, InternVL's order of candidate grids. Two options trade
+that for something else: ``fast_jpeg`` (decode big JPEGs at a reduced DCT scale: much faster, a few grey
+levels off) and ``background`` (composite transparent images onto a colour). One intended difference
+stays: 16-bit and float grey is scaled to 8 bits, where Pillow's ``convert`` clips it to white
+(tests/raylens/test_reference_fidelity.py lists it by name).
 
 What it does not know: which model it serves (tile size and tile limits come in a :class:`TilingSpec`
 built from the checkpoint), how many tokens a tile costs, or any prompt format. It does not apply EXIF
@@ -23,6 +32,7 @@ import io
 from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -43,6 +53,7 @@ DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 ERROR_KINDS = frozenset({"empty", "too_large", "not_an_image", "truncated", "decode"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _BICUBIC = Image.Resampling.BICUBIC
+RGB = tuple[int, int, int]
 
 
 class ImageError(KindError):
@@ -83,12 +94,16 @@ class TilingSpec:
 @dataclass(frozen=True, eq=False)
 class PreparedImage:
     """What travels from the decode task to an engine: uint8 RGB (at most the grid canvas in area),
-    the grid chosen from the original size, and the tile count the prompt must expand to."""
+    the grid chosen from the original size, the tile count the prompt must expand to, the tiling it was
+    prepared with, and, when the pixels were shrunk and the model uses a thumbnail, the thumbnail made
+    from the original (uint8 [tile, tile, 3]; the references resize the original, not the canvas)."""
 
     pixels: np.ndarray
     grid: tuple[int, int]
     num_tiles: int
     original_size: tuple[int, int]
+    tiling: TilingSpec | None = None
+    thumbnail: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         p = self.pixels
@@ -102,6 +117,14 @@ class PreparedImage:
         cols, rows = _check_grid(self.grid)
         if self.num_tiles not in (cols * rows, cols * rows + (cols * rows > 1)):
             raise ValueError(f"PreparedImage.num_tiles {self.num_tiles} does not fit grid {self.grid}")
+        if self.tiling is not None and self.num_tiles != num_tiles_for(self.grid, self.tiling):
+            raise ValueError(f"PreparedImage.num_tiles {self.num_tiles} does not fit grid {self.grid} under {self.tiling}")
+        t = self.thumbnail
+        if t is not None:
+            size = self.tiling.tile_size if self.tiling is not None else t.shape[0]
+            if not isinstance(t, np.ndarray) or t.dtype != np.uint8 or t.shape != (size, size, 3):
+                raise ValueError(f"PreparedImage.thumbnail must be a uint8 [{size}, {size}, 3] array, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {getattr(t, 'shape', '')}")
 
 
 def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
@@ -112,34 +135,37 @@ def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------- decoding
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, background: RGB | None = None) -> Image.Image:
     """Decode encoded bytes into a fully loaded RGB image, or raise :class:`ImageError`.
 
     The declared ``width * height`` is refused before any pixel is decoded. Animated files give their
-    first frame; transparency is composited onto white (the model never saw alpha); 16-bit and float
-    grey is scaled to 8 bits instead of being clipped.
+    first frame. Transparency is dropped as ``convert("RGB")`` drops it (what the model was trained on),
+    or composited onto ``background`` when one is given. 16-bit and float grey is scaled to 8 bits
+    instead of being clipped.
     """
     with _opened(data, max_pixels) as image:
-        return _load_rgb(image)
+        return _load_rgb(image, background=background)
 
 
-def decode_prepared(data: bytes, spec: "TilingSpec", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> "PreparedImage":
-    """`prepare_image(decode_image(data), spec)`, but a JPEG at least twice the grid canvas in both
-    dimensions is decoded at a reduced scale that still covers the canvas (Pillow's draft mode: the JPEG
-    decoder drops DCT coefficients instead of decoding every pixel and resizing them away).
+def decode_prepared(data: bytes, spec: "TilingSpec", *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    fast_jpeg: bool = False, background: RGB | None = None) -> "PreparedImage":
+    """`prepare_image(decode_image(data), spec)`: equal to it, and to the references, by default.
 
-    Why: a 12-MP photo costs 200-250 ms to decode in full on one core, and at 1 tile all but 1/60th of
-    those pixels are thrown away by the downscale (docs/benchmarks.md, CPU-only benchmark). The grid
-    is still chosen from the full size, so tiling matches `prepare_image` exactly; only the resampling
-    path differs (DCT scaling, then bicubic), by a few grey levels.
+    ``fast_jpeg``: a JPEG at least twice the grid canvas in both dimensions is decoded at a reduced scale
+    that still covers the canvas (Pillow's draft mode: the decoder drops DCT coefficients instead of
+    decoding every pixel and resizing them away). A 12-MP photo costs 200-250 ms to decode in full on one
+    core, and at 1 tile all but 1/60th of those pixels are thrown away (docs/benchmarks.md). The grid is
+    still chosen from the full size; the pixels (and the thumbnail, made from the reduced image) differ from
+    the exact path by a few grey levels.
     """
     with _opened(data, max_pixels) as image:
         original = image.size
-        cols, rows = find_grid(*original, spec)
-        canvas = (spec.tile_size * cols, spec.tile_size * rows)
-        if image.format == "JPEG" and original[0] >= 2 * canvas[0] and original[1] >= 2 * canvas[1]:
-            image.draft(image.mode, canvas)
-        rgb = _load_rgb(image, original)
+        if fast_jpeg and image.format == "JPEG":
+            cols, rows = find_grid(*original, spec)
+            canvas = (spec.tile_size * cols, spec.tile_size * rows)
+            if original[0] >= 2 * canvas[0] and original[1] >= 2 * canvas[1]:
+                image.draft(image.mode, canvas)
+        rgb = _load_rgb(image, original, background=background)
     return prepare_image(rgb, spec, original_size=original)
 
 
@@ -182,14 +208,15 @@ def _opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
             yield image
 
 
-def _load_rgb(image: Image.Image, declared_size: tuple[int, int] | None = None) -> Image.Image:
+def _load_rgb(image: Image.Image, declared_size: tuple[int, int] | None = None, *,
+              background: RGB | None = None) -> Image.Image:
     """Decode the pixels of an opened image (the first frame of an animation) and convert them to RGB.
     Errors name ``declared_size`` (the file's own size), not the reduced size a draft decode asked for."""
     width, height = declared_size or image.size
     fmt = image.format or "image"
     try:
         image.load()
-        return _to_rgb(image)
+        return _to_rgb(image, background)
     except MemoryError:
         raise
     except Exception as e:
@@ -206,19 +233,25 @@ def _classify(e: Exception, doing: str) -> ImageError:
     return ImageError("decode", f"could not decode image ({doing}): {detail}")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any decoded mode to RGB the way a viewer would show it."""
+def _to_rgb(image: Image.Image, background: RGB | None = None) -> Image.Image:
+    """Any decoded mode as RGB: Pillow's ``convert("RGB")`` (what the references do: alpha is dropped, a
+    palette's transparent index shows its colour), or, with ``background``, transparency composited onto
+    that colour. High-depth grey is scaled, not clipped (`_high_depth_to_l`)."""
     mode = image.mode
     if mode.startswith("I") or mode == "F":
         return _high_depth_to_l(image).convert("RGB")
-    if mode in _ALPHA_MODES or "transparency" in image.info:
+    if background is not None and (mode in _ALPHA_MODES or "transparency" in image.info):
         try:
-            rgba = image.convert("RGBA")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # Pillow's note on palette transparency
+                rgba = image.convert("RGBA")
         except ValueError:  # a mode whose transparency Pillow cannot express: ignore it
             return image.convert("RGB")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")  # RGB (copy), L, 1, P, CMYK (incl. Adobe-inverted), YCbCr, ...
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(under, rgba).convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return image.convert("RGB")  # RGB (copy), RGBA, LA, L, 1, P, CMYK (incl. Adobe-inverted), YCbCr, ...
 
 
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
@@ -239,20 +272,24 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------ tiling
-def _candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+@lru_cache(maxsize=None)
+def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
     """All (cols, rows) with min <= cols*rows <= max, in the published order.
 
-    The original enumerates ``for n in min..max, for i in 1..n, for j in 1..n`` and sorts by i*j. A
-    pair's first appearance is at n = max(min, i, j), then (i, j) ascending, so sorting by
-    (i*j, max(min, i, j), i, j) gives the same order without the cubic loop.
+    InternVL's ``dynamic_preprocess`` collects the grids of ``for n in min..max, for i in 1..n, for j in
+    1..n`` into a Python *set* and sorts it by tile count, so grids of the same count keep the set's
+    iteration order, which decides exact ties when min_tiles > 1 (with min_tiles = 1 no tie depends on
+    it). That order is deterministic (small-int tuples hash alike in every process), so the set is built
+    the same way here, once per (min, max).
     """
-    pairs = [
+    grids = set(
         (i, j)
-        for i in range(1, max_tiles + 1)
-        for j in range(1, max_tiles // i + 1)
-        if i * j >= min_tiles
-    ]
-    return sorted(pairs, key=lambda p: (p[0] * p[1], max(min_tiles, p[0], p[1]), p[0], p[1]))
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    )
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
 def find_grid(width: int, height: int, spec: TilingSpec) -> tuple[int, int]:
@@ -286,30 +323,50 @@ def num_tiles_for(grid: tuple[int, int], spec: TilingSpec) -> int:
 def prepare_image(image: Image.Image, spec: TilingSpec, *, original_size: tuple[int, int] | None = None) -> PreparedImage:
     """Choose the grid from the original size and shrink the image to the grid canvas if it is larger
     in area. Small images are kept as they are; the upscale to the canvas happens in make_tiles, so
-    the object store never carries more pixels than the model will see.
+    the object store never carries more pixels than the model will see. A shrunk image that needs a
+    thumbnail gets it here, from the image before shrinking (the references' thumbnail).
 
     ``original_size`` is the size the grid is chosen from when ``image`` was already decoded smaller
-    (`decode_prepared`); it defaults to the image's own size."""
+    (`decode_prepared` with ``fast_jpeg``); it defaults to the image's own size."""
     rgb = image if image.mode == "RGB" else _to_rgb(image)
     width, height = rgb.size
     original = original_size or (width, height)
     grid = find_grid(*original, spec)
+    num_tiles = num_tiles_for(grid, spec)
     canvas = (spec.tile_size * grid[0], spec.tile_size * grid[1])
+    thumbnail = None
     if width * height > canvas[0] * canvas[1]:
+        if num_tiles > grid[0] * grid[1]:
+            thumbnail = np.asarray(rgb.resize((spec.tile_size, spec.tile_size), _BICUBIC), dtype=np.uint8)
         rgb = rgb.resize(canvas, _BICUBIC)
     pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
-    return PreparedImage(pixels, grid, num_tiles_for(grid, spec), original)
+    return PreparedImage(pixels, grid, num_tiles, original, spec, thumbnail)
 
 
-def make_tiles(prepared: PreparedImage, spec: TilingSpec) -> list[Image.Image]:
-    """Resize to the canvas, crop row-major into tile x tile pieces, then append the thumbnail (the
-    whole image at tile x tile) when use_thumbnail and there is more than one tile."""
-    cols, rows = _check_grid(prepared.grid)
+def _tiling_for(prepared: PreparedImage, spec: TilingSpec | None) -> TilingSpec:
+    """The tiling to cut `prepared` with: its own, or `spec`, which must agree with it on what cutting uses."""
+    own = prepared.tiling
+    if spec is None:
+        if own is None:
+            raise ValueError("this PreparedImage does not say its tiling: pass the TilingSpec it was prepared with")
+        return own
+    if own is not None and (own.tile_size, own.use_thumbnail) != (spec.tile_size, spec.use_thumbnail):
+        raise ValueError(f"PreparedImage was prepared with {own}, not with {spec}: it was prepared with another "
+                         "TilingSpec (another checkpoint)")
     if prepared.num_tiles != num_tiles_for(prepared.grid, spec):
         raise ValueError(
             f"PreparedImage has {prepared.num_tiles} tiles for grid {prepared.grid}, but {spec} "
             f"gives {num_tiles_for(prepared.grid, spec)}: it was prepared with another TilingSpec"
         )
+    return spec
+
+
+def make_tiles(prepared: PreparedImage, spec: TilingSpec | None = None) -> list[Image.Image]:
+    """Resize to the canvas, crop row-major into tile x tile pieces, then append the thumbnail (the
+    whole original image at tile x tile) when use_thumbnail and there is more than one tile.
+    ``spec`` defaults to the image's own tiling."""
+    spec = _tiling_for(prepared, spec)
+    cols, rows = _check_grid(prepared.grid)
     t = spec.tile_size
     image = Image.fromarray(prepared.pixels, mode="RGB")
     canvas = image if image.size == (cols * t, rows * t) else image.resize((cols * t, rows * t), _BICUBIC)
@@ -317,7 +374,10 @@ def make_tiles(prepared: PreparedImage, spec: TilingSpec) -> list[Image.Image]:
         canvas.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(rows) for c in range(cols)
     ]
     if spec.use_thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((t, t), _BICUBIC))
+        if prepared.thumbnail is not None:
+            tiles.append(Image.fromarray(prepared.thumbnail, mode="RGB"))
+        else:  # the pixels are the original image
+            tiles.append(image.resize((t, t), _BICUBIC))
     return tiles
 
 
@@ -358,6 +418,8 @@ def _normalisation_tables() -> np.ndarray:
     return np.ascontiguousarray(((levels / np.float32(255.0) - mean) / std).T)
 
 
-def pixel_values_for(prepared: PreparedImage, spec: TilingSpec) -> np.ndarray:
-    """The engine-side step: PreparedImage -> float32 [num_tiles, 3, tile, tile]."""
+def pixel_values_for(prepared: PreparedImage, spec: TilingSpec | None = None) -> np.ndarray:
+    """The engine-side step: PreparedImage -> float32 [num_tiles, 3, tile, tile] (``spec`` defaults to
+    the image's own tiling)."""
+    spec = _tiling_for(prepared, spec)
     return normalize_tiles(make_tiles(prepared, spec), tile_size=spec.tile_size)

@@ -9,7 +9,7 @@ import asyncio
 import os
 
 from raylens.checkpoints.formats import read_model_spec
-from raylens.engines.base import SamplingParams, VLDelta, VLRequest, VLResult
+from raylens.engines.base import EngineDeadError, SamplingParams, VLDelta, VLRequest, VLResult
 
 POISON_WIDTH = 13  # an image this wide kills the engine's process
 
@@ -57,3 +57,21 @@ class UnbuildableEngine(EchoEngine):
 
     def __init__(self, model_dir: str, **options: object) -> None:
         raise TypeError(f"UnbuildableEngine.__init__() got an unexpected keyword argument {sorted(options)[-1]!r}")
+
+
+class DyingEngine(EchoEngine):
+    """An engine whose device fails once: the first batch any instance sees raises EngineDeadError (a file
+    `marker` records that it happened, so the restarted actor's engine works). Each construction appends a
+    line to `marker + ".built"`."""
+
+    def __init__(self, model_dir: str, *, marker: str, **options: object) -> None:
+        super().__init__(model_dir, **options)
+        self.marker = marker
+        with open(marker + ".built", "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    async def generate(self, requests, params: SamplingParams) -> list[VLResult]:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise EngineDeadError("the device is gone (test)")
+        return await super().generate(requests, params)

@@ -78,7 +78,8 @@ class VLRequest:
     """One question about at most one image (`question`/`image`, the batch job), or a whole chat
     (`conversation` + its `images` in placeholder order; build it with `VLRequest.chat`).
 
-    `max_tiles` is the max_tiles the images' grids were chosen with (None: the checkpoint's)."""
+    `max_tiles` is the max_tiles the images' grids were chosen with, for images that do not carry their
+    tiling (`PreparedImage.tiling` says it; None: the checkpoint's)."""
 
     request_id: str
     question: str | None = None

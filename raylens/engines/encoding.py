@@ -67,15 +67,21 @@ def encode_request(req: VLRequest, *, spec: "ModelSpec", tokenizer, template: Ch
     """Token ids, tiles and image positions of `req` for the checkpoint `spec`.
 
     `template` and `system_message` default to the checkpoint's (`spec.chat_template()`,
-    `spec.system_message`); a conversation's own `system` wins over both. `tiling` defaults to the
-    checkpoint's (the grids were chosen upstream; only tile size and thumbnail matter here).
-    RequestError when the text itself holds `<IMG_CONTEXT>` (it would break the image alignment).
+    `spec.system_message`); a conversation's own `system` wins over both. Each image is cut with the tiling
+    it was prepared with (`PreparedImage.tiling`; `tiling`, else the checkpoint's, for images that do not
+    say), which must have the checkpoint's tile size. RequestError when the text itself holds
+    `<IMG_CONTEXT>` (it would break the image alignment).
     """
     template = template or spec.chat_template()
     system_message = spec.system_message if system_message is None else system_message
-    tiling = tiling or spec.tiling()
     conversation, images = req.as_conversation()
-    tiles = [pixel_values_for(image, tiling) for image in images]
+    tiles = []
+    for image in images:
+        image_tiling = image.tiling or tiling or spec.tiling()
+        if image_tiling.tile_size != spec.tile_size:
+            raise ValueError(f"an image was prepared with {image_tiling.tile_size}-px tiles; this checkpoint "
+                             f"uses {spec.tile_size}-px tiles")
+        tiles.append(pixel_values_for(image, image_tiling))
     tiles_per_image = [t.shape[0] for t in tiles]
     spans = _expanded_spans(render_spans(template, conversation, system_message=system_message),
                             [spec.image_tokens(n) for n in tiles_per_image])

@@ -263,8 +263,6 @@ class LMDeployEngine:
         from PIL import Image
 
         conversation, images = req.as_conversation()
-        # The grids were chosen upstream from the original sizes; the canvases we send reproduce them.
-        max_tiles = req.max_tiles or self.spec.max_tiles
         pending = list(images)
         messages: list[dict] = []
         if conversation.system is not None:
@@ -272,6 +270,10 @@ class LMDeployEngine:
         for turn in conversation.turns:
             content: list[dict] = []
             for image in pending[: turn.num_images]:
+                # The grid was chosen upstream from the original size; the canvas we send, tiled with the
+                # max_tiles the image was prepared with, reproduces it. (lmdeploy makes the thumbnail from
+                # that canvas, not from the original: this mode is for comparisons.)
+                max_tiles = image.tiling.max_tiles if image.tiling else (req.max_tiles or self.spec.max_tiles)
                 content.append({"type": "image_data", "image_data": {"data": Image.fromarray(image.pixels),
                                                                      "max_dynamic_patch": max_tiles}})
             del pending[: turn.num_images]

@@ -47,6 +47,23 @@ def test_a_batch_that_kills_its_engine_becomes_error_rows(tmp_path, tiny_checkpo
     assert summary["errors_by_kind"] == {"engine.batch_failed": 2 * len(failed)}
 
 
+def test_an_engine_that_dies_restarts_its_actor_instead_of_failing_rows(tmp_path, tiny_checkpoint, ray_local):
+    """EngineDeadError ends the actor's process; Ray restarts it and retries the batch (issue 11)."""
+    sizes = [(40 + i, 30) for i in range(6)]
+    _images(tmp_path / "in", sizes)
+    marker = tmp_path / "died"
+    cfg = CaptionJobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(tiny_checkpoint),
+                           engine="fakes:DyingEngine", engine_args=json.dumps({"marker": str(marker)}), batch_size=2,
+                           shard_size=4, engine_retries=1, batches_in_flight=1)
+    summary = main(setup(cfg))
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert marker.exists()  # the engine did die once
+    assert len(set((tmp_path / "died.built").read_text().split())) >= 2  # in two processes: the actor was rebuilt
+    assert [r["error"] for r in rows] == [None] * len(sizes)
+    assert sorted(r["text"] for r in rows) == sorted(f"{cfg.prompt[0]} | {w}x{h}" for w, h in sizes)
+    assert summary["failed"] == 0
+
+
 def test_max_error_rate_fails_the_job(tmp_path, tiny_checkpoint, ray_local, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "good.png").write_bytes(image_bytes())

@@ -3,6 +3,7 @@ decoding to sensible RGB, and every broken input becoming an ImageError of the r
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import struct
@@ -34,8 +35,8 @@ from raylens.images import (
 # ------------------------------------------------------------------------------ reference tiling
 def reference_candidates(min_num: int, max_num: int, use_set: bool) -> list[tuple[int, int]]:
     """Literal transcription of the published candidate list. The original collects into a Python
-    ``set``; ``use_set=False`` keeps first-enumeration order instead (what raylens implements). The two
-    orders only matter for exact same-product ties, which cannot be the winner when min_num == 1."""
+    ``set``; ``use_set=False`` keeps first-enumeration order instead. The two orders only matter for
+    exact same-product ties, which cannot be the winner when min_num == 1."""
     found = []
     for n in range(min_num, max_num + 1):
         for i in range(1, n + 1):
@@ -80,9 +81,10 @@ def test_find_grid_matches_published_rule(tile_size, max_tiles):
 
 
 @pytest.mark.parametrize("min_tiles,max_tiles", [(1, 1), (1, 40), (2, 6), (4, 12), (10, 10), (3, 24)])
-def test_find_grid_candidate_order_matches_enumeration_order(min_tiles, max_tiles):
+def test_find_grid_candidate_order_matches_the_published_set_order(min_tiles, max_tiles):
+    """Ties with min_tiles > 1 are broken in the reference's order (issue 11, item 5)."""
     spec = TilingSpec(tile_size=448, min_tiles=min_tiles, max_tiles=max_tiles)
-    cands = reference_candidates(min_tiles, max_tiles, use_set=False)
+    cands = reference_candidates(min_tiles, max_tiles, use_set=True)
     for w in (1, 8, 50, 225, 448, 700, 1000, 1920, 4000, 8000):
         for h in (1, 8, 36, 40, 448, 600, 1080, 3000):
             assert find_grid(w, h, spec) == reference_pick(w, h, cands, 448), (w, h)
@@ -193,6 +195,25 @@ def test_tiles_are_row_major_with_thumbnail_last():
         make_tiles(prepared, no_thumb)
 
 
+def test_the_thumbnail_is_made_from_the_original_and_travels_with_the_image():
+    """The references resize the original to the thumbnail, not the shrunk canvas (issue 11, item 1)."""
+    spec = TilingSpec(tile_size=112, max_tiles=4)
+    original = _photo((900, 300), seed=3)
+    prepared = prepare_image(original, spec)
+    assert prepared.grid == (3, 1) and prepared.pixels.shape == (112, 336, 3) and prepared.tiling == spec
+    expected = np.asarray(original.resize((112, 112), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(prepared.thumbnail, expected)
+    np.testing.assert_array_equal(np.asarray(make_tiles(prepared)[-1]), expected)
+    from_canvas = np.asarray(Image.fromarray(prepared.pixels).resize((112, 112), Image.Resampling.BICUBIC))
+    assert not np.array_equal(from_canvas, expected)  # the old way was measurably different
+    small = prepare_image(_photo((150, 50)), spec)  # kept at its own size: no thumbnail to carry
+    assert small.thumbnail is None and small.pixels.shape == (50, 150, 3)
+    np.testing.assert_array_equal(np.asarray(make_tiles(small)[-1]),
+                                  np.asarray(_photo((150, 50)).resize((112, 112), Image.Resampling.BICUBIC)))
+    with pytest.raises(ValueError, match="another TilingSpec"):
+        pixel_values_for(prepared, TilingSpec(tile_size=224, max_tiles=4))
+
+
 def test_prepared_image_validates():
     with pytest.raises(ValueError, match="uint8"):
         PreparedImage(np.zeros((4, 4, 3), np.float32), (1, 1), 1, (4, 4))
@@ -233,7 +254,7 @@ VALID = {
     "gif_first_frame": (lambda: _frames("GIF"), (255, 0, 0)),
     "cmyk_jpeg": (lambda: _encode(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"), (255, 0, 0)),
     "gray_l": (lambda: _encode(Image.new("L", (9, 7), 77), "PNG"), (77, 77, 77)),
-    "gray_la_half": (lambda: _encode(Image.new("LA", (9, 7), (0, 128)), "PNG"), (127, 127, 127)),
+    "gray_la_half": (lambda: _encode(Image.new("LA", (9, 7), (0, 128)), "PNG"), (0, 0, 0)),  # alpha dropped
     "one_bit": (lambda: _encode(Image.new("1", (9, 7), 1), "PNG"), (255, 255, 255)),
     "gray16_png": (
         lambda: _encode(Image.fromarray(np.full((6, 5), 32896, np.uint16)), "PNG"), (128, 128, 128)),
@@ -244,12 +265,12 @@ VALID = {
     "float_tiff": (
         lambda: _encode(Image.fromarray(np.full((6, 5), 0.5, np.float32)), "TIFF"), (128, 128, 128)),
     "rgba_transparent_red": (
-        lambda: _encode(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"), (255, 255, 255)),
+        lambda: _encode(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG"), (255, 0, 0)),  # as convert("RGB")
     "rgba_opaque_red": (
         lambda: _encode(Image.new("RGBA", (8, 8), (255, 0, 0, 255)), "PNG"), (255, 0, 0)),
     "rgba_webp_transparent": (
-        lambda: _encode(Image.new("RGBA", (8, 8), (0, 0, 255, 0)), "WEBP", lossless=True),
-        (255, 255, 255)),
+        lambda: _encode(Image.new("RGBA", (8, 8), (0, 0, 255, 0)), "WEBP", lossless=True, exact=True),
+        (0, 0, 255)),
     "one_by_one": (lambda: _encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"), (1, 2, 3)),
     "panorama": (lambda: _encode(Image.new("RGB", (8000, 40), (200, 100, 0)), "PNG"), (200, 100, 0)),
     "bmp": (lambda: _encode(Image.new("RGB", (10, 10), (5, 6, 7)), "BMP"), (5, 6, 7)),
@@ -263,9 +284,16 @@ def test_valid_unusual_images_decode_to_rgb(name):
     _close(_centre(image), expected)
 
 
-def test_palette_transparency_becomes_white():
+def test_transparency_is_dropped_by_default_and_composited_on_request():
+    """convert("RGB") semantics, as the model card, lmdeploy and transformers load images (issue 11, item 3);
+    compositing onto a colour is an option."""
     image = decode_image(_palette_with_transparency())
-    assert image.getpixel((2, 8)) == (0, 0, 255) and image.getpixel((12, 8)) == (255, 255, 255)
+    assert image.getpixel((2, 8)) == (0, 0, 255) and image.getpixel((12, 8)) == (255, 0, 0)
+    on_white = decode_image(_palette_with_transparency(), background=(255, 255, 255))
+    assert on_white.getpixel((2, 8)) == (0, 0, 255) and on_white.getpixel((12, 8)) == (255, 255, 255)
+    half = _encode(Image.new("RGBA", (4, 4), (255, 0, 0, 128)), "PNG")
+    assert decode_image(half).getpixel((1, 1)) == (255, 0, 0)
+    assert decode_image(half, background=(0, 0, 0)).getpixel((1, 1)) == (128, 0, 0)
 
 
 @pytest.mark.skipif(not features.check("webp"), reason="Pillow built without WebP")
@@ -355,6 +383,12 @@ def _photo(size, seed=0):
     return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
 
 
+@functools.lru_cache(maxsize=None)
+def _photo_jpeg(size, quality=92) -> bytes:
+    """A large photo-like JPEG, made once per size (making one costs seconds)."""
+    return _encode(_photo(size), "JPEG", quality=quality)
+
+
 def _draft_calls(monkeypatch) -> list:
     """Record the JPEG decoder's draft requests; the real draft still runs."""
     from PIL import JpegImagePlugin
@@ -373,12 +407,14 @@ def _draft_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("max_tiles", [1, 6])
 def test_decode_prepared_scales_large_jpegs_in_the_decoder_and_keeps_the_grid(monkeypatch, max_tiles):
     spec = TilingSpec(tile_size=448, max_tiles=max_tiles)
-    data = _encode(_photo((4032, 3024)), "JPEG", quality=92)
+    data = _photo_jpeg((3000, 2000))
     calls = _draft_calls(monkeypatch)
-    fast = decode_prepared(data, spec)
-    exact = prepare_image(decode_image(data), spec)
-    assert calls and calls[0][0] == (4032, 3024)  # the decoder was asked for a reduced scale
-    assert (fast.grid, fast.num_tiles, fast.original_size) == (exact.grid, exact.num_tiles, (4032, 3024))
+    exact = decode_prepared(data, spec)
+    assert not calls  # the default decodes every pixel, as the references do
+    fast = decode_prepared(data, spec, fast_jpeg=True)
+    assert np.array_equal(exact.pixels, prepare_image(decode_image(data), spec).pixels)
+    assert calls and calls[0][0] == (3000, 2000)  # the decoder was asked for a reduced scale
+    assert (fast.grid, fast.num_tiles, fast.original_size) == (exact.grid, exact.num_tiles, (3000, 2000))
     assert fast.pixels.shape == exact.pixels.shape
     diff = np.abs(fast.pixels.astype(np.int16) - exact.pixels.astype(np.int16))
     assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, (diff.mean(), np.percentile(diff, 99))
@@ -386,10 +422,10 @@ def test_decode_prepared_scales_large_jpegs_in_the_decoder_and_keeps_the_grid(mo
 
 @pytest.mark.parametrize("fmt,size", [("PNG", (2000, 1500)), ("JPEG", (800, 600)), ("WEBP", (1600, 1200))])
 def test_decode_prepared_is_exact_where_it_does_not_draft(fmt, size):
-    """Non-JPEGs, and JPEGs under twice the canvas, go the exact path: bit-identical to prepare_image."""
+    """Non-JPEGs, and JPEGs under twice the canvas, go the exact path even with fast_jpeg."""
     spec = TilingSpec(tile_size=448, max_tiles=1)
     data = _encode(_photo(size), fmt)
-    fast, exact = decode_prepared(data, spec), prepare_image(decode_image(data), spec)
+    fast, exact = decode_prepared(data, spec, fast_jpeg=True), prepare_image(decode_image(data), spec)
     assert (fast.grid, fast.num_tiles, fast.original_size) == (exact.grid, exact.num_tiles, exact.original_size)
     np.testing.assert_array_equal(fast.pixels, exact.pixels)
 
@@ -406,7 +442,7 @@ def test_decode_prepared_converts_a_large_cmyk_jpeg_and_refuses_bombs():
 
 
 def test_decode_prepared_names_the_files_own_size_when_a_drafted_decode_fails():
-    data = _encode(_photo((4032, 3024)), "JPEG", quality=92)
+    data = _photo_jpeg((3000, 2000))
     with pytest.raises(ImageError) as err:
-        decode_prepared(data[: len(data) // 2], TilingSpec(tile_size=448, max_tiles=1))
-    assert err.value.kind == "truncated" and "4032x3024 JPEG" in str(err.value)
+        decode_prepared(data[: len(data) // 2], TilingSpec(tile_size=448, max_tiles=1), fast_jpeg=True)
+    assert err.value.kind == "truncated" and "3000x2000 JPEG" in str(err.value)
