@@ -1,12 +1,19 @@
 """What a checkpoint directory is: its format, chat template and tiling numbers, read from JSON only.
 
 Two formats (docs/design.md):
-* `internvl_chat` (FORMAT_ORIGINAL): the InternVL2 hub layout, `architectures: ["InternVLChatModel"]`, with
-  `template`, `force_image_size`, `max_dynamic_patch`, ... at the top of config.json;
-* `internvl_hf` (FORMAT_HF): transformers-native `InternVLForConditionalGeneration` (`model_type: "internvl"`).
-  It has no template or tiling keys of its own, so raylens writes a `raylens.json` sidecar
-  (`{"template", "max_tiles", "min_tiles", "use_thumbnail"}`); without one, `processor_config.json`
-  (or `preprocessor_config.json`) supplies the tiling and the template defaults to "Hermes-2".
+* `internvl_chat` (FORMAT_ORIGINAL): the InternVL hub layout (InternVL2, InternVL2.5, InternVL3),
+  `architectures: ["InternVLChatModel"]`, with `template`, `force_image_size`, `max_dynamic_patch`, ... at the
+  top of config.json, and optionally `system_message` (which InternVL's `chat()` prefers to the template's);
+* `internvl_hf` (FORMAT_HF): transformers-native `InternVLForConditionalGeneration` (`model_type: "internvl"`),
+  e.g. the official InternVL2.5/InternVL3 `-hf` checkpoints. config.json has no template or tiling keys:
+  the tiling comes from the image processor config (`min_patches`/`max_patches`; transformers' InternVL
+  processor always crops to patches and adds a thumbnail), the prompt format from the tokenizer's (or
+  processor's) Jinja `chat_template`, matched exactly to a raylens template (`chat_templates.py`). raylens'
+  own `raylens.json` sidecar (`{"template", "max_tiles", "min_tiles", "use_thumbnail", "system_message"}`)
+  overrides both. A checkpoint with neither is refused: the prompt format is never guessed.
+
+Checkpoints raylens cannot serve correctly (an LLM it has no conversion for, another pixel-shuffle or vision
+layer than InternVL2/2.5/3 use) are refused here with the reason, before any engine starts.
 
 Reading a spec never imports a model, a tokenizer or the checkpoint's remote code, so CPU-only Ray tasks
 (image tiling) and the lmdeploy engine can call it cheaply.
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raylens.checkpoints.chat_templates import UnknownChatTemplate, read_chat_template, template_from_jinja
 from raylens.prompts import TEMPLATES, ChatTemplate
 
 if TYPE_CHECKING:
@@ -28,18 +36,15 @@ FORMAT_ORIGINAL = "internvl_chat"
 FORMAT_HF = "internvl_hf"
 SIDECAR_FILE = "raylens.json"
 
-DEFAULT_HF_TEMPLATE = "Hermes-2"
-# InternVL2's published tiling (config.json of every size): 1..12 tiles of 448 px plus a thumbnail.
+# InternVL's published tiling (config.json of every size; GotOcr2's processor defaults): 1..12 tiles of
+# 448 px plus a thumbnail.
 DEFAULT_MIN_TILES = 1
 DEFAULT_MAX_TILES = 12
 DEFAULT_USE_THUMBNAIL = True
 
-# The template each InternVL2 LLM was trained with, for original configs that lack `template`.
-TEMPLATE_BY_LLM = {
-    "Qwen2ForCausalLM": "Hermes-2",
-    "InternLM2ForCausalLM": "internlm2-chat",
-    "Phi3ForCausalLM": "phi3-chat",
-}
+# LLMs raylens converts for the transformers engine and lmdeploy runs (InternLM2 and InternLM2.5 share one
+# architecture; Qwen2 covers Qwen2.5). InternVL3-9B's InternLM3 is not among them.
+SUPPORTED_LLMS = ("Qwen2ForCausalLM", "InternLM2ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM")
 # transformers text model_type -> causal-LM class, for HF configs whose text_config lacks `architectures`.
 ARCHITECTURE_BY_MODEL_TYPE = {
     "qwen2": "Qwen2ForCausalLM",
@@ -213,9 +218,11 @@ def _original_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
     vision = _require(config, "vision_config", where)
     llm = _require(config, "llm_config", where)
     llm_architecture = (_require(llm, "architectures", f"{where} llm_config") or [None])[0]
-    template = config.get("template") or TEMPLATE_BY_LLM.get(llm_architecture)
+    _check_servable(config, llm_architecture, where)
+    template = config.get("template")
     if template is None:
-        raise CheckpointError(f"{where} has no 'template' and its LLM {llm_architecture!r} has no default one")
+        raise CheckpointError(f"{where} has no 'template': raylens does not guess a checkpoint's prompt format "
+                              f"(add \"template\": one of {sorted(TEMPLATES)})")
     tile_size = _as_int(config.get("force_image_size") or _require(vision, "image_size", f"{where} vision_config"),
                         "force_image_size")
     patch_size = _as_int(_require(vision, "patch_size", f"{where} vision_config"), "patch_size")
@@ -245,8 +252,25 @@ def _original_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
     )
 
 
+def _check_servable(config: dict[str, Any], llm_architecture: str | None, where: str) -> None:
+    """CheckpointError for an InternVL variant raylens would run wrongly (issue 11: refuse, never guess)."""
+    if llm_architecture not in SUPPORTED_LLMS:
+        raise CheckpointError(f"{where}: its LLM is {llm_architecture!r}, which raylens cannot run "
+                              f"(supported: {', '.join(SUPPORTED_LLMS)})")
+    if config.get("ps_version", "v2") != "v2":
+        raise CheckpointError(f"{where}: ps_version {config.get('ps_version')!r}; raylens runs InternVL's 'v2' "
+                              "pixel shuffle only (InternVL2, 2.5 and 3 use it)")
+    if config.get("select_layer", -1) != -1:
+        raise CheckpointError(f"{where}: select_layer {config.get('select_layer')}; raylens (and lmdeploy) use "
+                              "the vision encoder's last layer only")
+    if float(config.get("downsample_ratio", 0.5)) != 0.5:
+        raise CheckpointError(f"{where}: downsample_ratio {config.get('downsample_ratio')}; lmdeploy assumes 0.5 "
+                              "(a quarter of the patches per tile), as InternVL2, 2.5 and 3 use")
+
+
 def _processor_tiling(root: Path) -> dict[str, Any]:
-    """min/max tiles from a transformers processor config (GotOcr2 image processor keys), if any."""
+    """min/max tiles from a transformers image processor config (GotOcr2 keys), if any. `crop_to_patches`
+    is not read: InternVLProcessor always passes crop_to_patches=True (its `_defaults`), with a thumbnail."""
     for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
         path = root / name
         if path.is_file():
@@ -257,10 +281,28 @@ def _processor_tiling(root: Path) -> dict[str, Any]:
                 found["min_tiles"] = int(data["min_patches"])
             if "max_patches" in data:
                 found["max_tiles"] = int(data["max_patches"])
-            if data.get("crop_to_patches") is False:
-                found["min_tiles"] = found["max_tiles"] = 1
             return found
     return {}
+
+
+def _hf_template(root: Path, sidecar: dict[str, Any]) -> tuple[str, ChatTemplate | None]:
+    """(template name, its definition when it is not the registered one) of a transformers-format checkpoint:
+    the sidecar's, else the one its own chat template renders exactly; CheckpointError otherwise."""
+    if "template" in sidecar:
+        return sidecar["template"], None
+    found = read_chat_template(root)
+    if found is None:
+        raise CheckpointError(
+            f"{root} is a transformers-format checkpoint with no chat template (chat_template.jinja, "
+            f"tokenizer_config.json, chat_template.json) and no {SIDECAR_FILE}: raylens does not guess a prompt "
+            f"format; add {SIDECAR_FILE} with {{\"template\": one of {sorted(TEMPLATES)}}}")
+    source, name = found
+    try:
+        chat = template_from_jinja(source)
+    except UnknownChatTemplate as exc:
+        raise CheckpointError(f"{root / name}: {exc}. raylens will not serve it with a guessed template; if one of "
+                              f"{sorted(TEMPLATES)} is right, say so in {SIDECAR_FILE}") from None
+    return chat.name, (None if chat == TEMPLATES[chat.name] else chat)
 
 
 def _hf_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
@@ -271,7 +313,7 @@ def _hf_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
     tiling = {"min_tiles": DEFAULT_MIN_TILES, "max_tiles": DEFAULT_MAX_TILES, "use_thumbnail": DEFAULT_USE_THUMBNAIL}
     tiling.update(_processor_tiling(root))
     tiling.update({k: sidecar[k] for k in ("min_tiles", "max_tiles", "use_thumbnail") if k in sidecar})
-    template = sidecar.get("template", DEFAULT_HF_TEMPLATE)
+    template, template_def = _hf_template(root, sidecar)
     tile_size = _as_int(vision.get("image_size", 448), "vision_config.image_size")
     patch_size = _as_int(vision.get("patch_size", 14), "vision_config.patch_size")
     ratio = float(config.get("downsample_ratio", 0.5))
@@ -280,6 +322,8 @@ def _hf_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
     if llm_architecture is None:
         raise CheckpointError(f"{where} text_config has no 'architectures' and an unknown model_type "
                               f"{text.get('model_type')!r}")
+    _check_servable({"downsample_ratio": config.get("downsample_ratio", 0.5),
+                     "select_layer": config.get("vision_feature_layer", -1)}, llm_architecture, where)
     dtype = (config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
              or "bfloat16")
     return ModelSpec(
@@ -297,5 +341,6 @@ def _hf_spec(root: Path, config: dict[str, Any]) -> ModelSpec:
         torch_dtype=str(dtype),
         eos_token=_eos_token(template, f"{root / SIDECAR_FILE}"),
         config_system_message=_system_message(sidecar, f"{root / SIDECAR_FILE}"),
+        template_def=template_def,
         **_llm_cache_shape(text, str(dtype)),
     )

@@ -1,4 +1,5 @@
-"""Random-weight InternVL2 checkpoints from a seed: tiny (tests), 1B-shaped and 2B-shaped (benchmarks).
+"""Random-weight InternVL checkpoints from a seed: tiny (tests), 1B-shaped and 2B-shaped (benchmarks), of the
+InternVL2, InternVL2.5 and InternVL3 families.
 
 Why: no weights can be downloaded here, yet tests, GPU benchmarks and the demo model need real checkpoint
 directories of both formats. Models are built as transformers `InternVLForConditionalGeneration` and saved
@@ -11,6 +12,11 @@ Sizes (notes/internvl.md 1.2, 1.3, 1.5):
 * "1b": InternViT-300M-448px + Qwen2-0.5B dims, vocab 151655, untied LM head (938.2M parameters; the
   InternVL repo forces tie_word_embeddings False).
 * "2b": InternViT-300M-448px + InternLM2-1.8B dims (as Llama), vocab 92553 (2205.8M parameters).
+Families (`FAMILIES`): the same architecture with another chat template. InternVL2 uses the template of its
+LLM (Hermes-2 for Qwen2, internlm2-chat for InternLM2); InternVL2.5 and InternVL3 use `internvl2_5` with either
+LLM (Qwen2.5 is Qwen2, InternLM2.5 is InternLM2). In the transformers format an InternVL2.5/3 checkpoint is
+written as the official `-hf` conversions are: no raylens sidecar, the tokenizer's chat template being
+transformers' InternVL one (`HF_CHAT_TEMPLATE`), the tiling in `preprocessor_config.json`.
 The real vocab sizes are kept for 1b/2b so memory and compute match. Our tokenizer learns only 512 tokens,
 so for those sizes it is padded with unreachable `<|unused_N|>` entries up to the vocab: a random model emits
 ids anywhere in its vocab, and each must decode (lmdeploy's detokenizer fails on unknown ids).
@@ -19,7 +25,7 @@ Weights come from a `torch.Generator` seeded with `seed`, parameter by parameter
 drawn in float32 on the CPU, so the same seed gives the same weights in any dtype and on any device, and the
 caller's global RNG is untouched.
 
-CLI:  python -m raylens.checkpoints.tiny OUT_DIR --format internvl_chat --size 1b --seed 0
+CLI:  python -m raylens.checkpoints.tiny OUT_DIR --format internvl_chat --size 1b --seed 0 [--family internvl3]
 """
 from __future__ import annotations
 
@@ -62,6 +68,41 @@ LLM_KINDS: dict[str, LLMKind] = {
         "attention_bias": False, "mlp_bias": False,
     }),
 }
+
+FAMILIES = ("internvl2", "internvl2_5", "internvl3")
+# The chat template transformers' convert_internvl_weights_to_hf.py gives the official -hf checkpoints
+# (transformers 5.17; older conversions wrote "<IMG_CONTEXT>\n" for an image part): ChatML, a newline after
+# each turn, no default system message.
+HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{{ '<image>\n' }}"
+    "{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{'<|im_end|>\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+def family_template(family: str, llm: str) -> str:
+    """The chat template name of `family` with `llm` ("qwen2" | "internlm2")."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    return LLM_KINDS[llm].template if family == "internvl2" else "internvl2_5"
+
 
 _VIT_300M = {
     "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
@@ -193,7 +234,7 @@ def build_config(size: str = "tiny", *, llm: str | None = None, tokenizer=None, 
     text.setdefault("vocab_size", preset.vocab_size or _round_up(len(tokenizer), 64))
     if text["vocab_size"] < len(tokenizer):
         raise ValueError(f"LLM vocab_size {text['vocab_size']} is smaller than the tokenizer ({len(tokenizer)} tokens)")
-    eos_id = _token_id(tokenizer, get_template(kind.template).sep)
+    eos_id = _token_id(tokenizer, get_template(kind.template).end_of_turn)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     text.setdefault("eos_token_id", eos_id)
     text.setdefault("pad_token_id", pad_id)
@@ -343,10 +384,14 @@ def _patch_hf_config(out: Path, architecture: str) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def save_hf(model: InternVLForConditionalGeneration, tokenizer, out_dir, *, template: str, max_tiles: int) -> Path:
-    """Write `model` as a transformers-native InternVL checkpoint plus the `raylens.json` sidecar.
+def save_hf(model: InternVLForConditionalGeneration, tokenizer, out_dir, *, template: str, max_tiles: int,
+            official: bool = False) -> Path:
+    """Write `model` as a transformers-native InternVL checkpoint.
 
-    The sidecar holds what config.json cannot: the chat template and the tiling (`formats.read_model_spec`).
+    By default with the `raylens.json` sidecar, which holds what config.json cannot: the chat template and
+    the tiling (`formats.read_model_spec`). `official=True` writes what the official `-hf` checkpoints hold
+    instead: the tokenizer's chat template set to transformers' (`HF_CHAT_TEMPLATE`) and the tiling in an
+    image processor config (`preprocessor_config.json`, GotOcr2 keys), no sidecar.
     """
     from raylens.checkpoints.formats import ARCHITECTURE_BY_MODEL_TYPE
 
@@ -354,31 +399,50 @@ def save_hf(model: InternVLForConditionalGeneration, tokenizer, out_dir, *, temp
     out.mkdir(parents=True, exist_ok=True)
     get_template(template)  # fail before writing anything
     model.save_pretrained(out, max_shard_size="2GB")
+    if official:
+        tokenizer.chat_template = HF_CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     _patch_hf_config(out, ARCHITECTURE_BY_MODEL_TYPE[model.config.text_config.model_type])
-    sidecar = {"template": template, "min_tiles": 1, "max_tiles": max_tiles, "use_thumbnail": True}
-    (out / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
+    if official:
+        _write_image_processor_config(out, model.config.vision_config.image_size, max_tiles)
+    else:
+        sidecar = {"template": template, "min_tiles": 1, "max_tiles": max_tiles, "use_thumbnail": True}
+        (out / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out
+
+
+def _write_image_processor_config(out: Path, image_size, max_tiles: int) -> None:
+    """preprocessor_config.json as transformers' GotOcr2 image processor saves it (the official -hf files)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    size = image_size[0] if isinstance(image_size, (list, tuple)) else int(image_size)
+    GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.485, 0.456, 0.406],
+                             image_std=[0.229, 0.224, 0.225], min_patches=1, max_patches=max_tiles,
+                             crop_to_patches=False).save_pretrained(out)
 
 
 def write_tiny_checkpoint(out_dir, *, format: str = FORMAT_ORIGINAL, size: str = "tiny", llm: str | None = None,
                           seed: int = 0, max_tiles: int = 6, dtype: torch.dtype | str | None = None,
-                          device: str = "cpu") -> Path:
+                          device: str = "cpu", family: str = "internvl2") -> Path:
     """Build a random model of `size` from `seed` and save it in `format`; returns the directory.
 
-    `dtype` defaults to bfloat16, what InternVL2 ships; weights are allocated in it directly, so a 2B
-    checkpoint needs about twice its file size in RAM at most.
+    `family` picks the chat template (see the module docstring); an InternVL2.5/3 checkpoint in the
+    transformers format is written as the official `-hf` ones are. `dtype` defaults to bfloat16, what
+    InternVL ships; weights are allocated in it directly, so a 2B checkpoint needs about twice its file size in
+    RAM at most.
     """
     if format not in (FORMAT_ORIGINAL, FORMAT_HF):
         raise ValueError(f"unknown format {format!r}; use {FORMAT_ORIGINAL!r} or {FORMAT_HF!r}")
     llm = resolve_llm(size, llm)
+    template = family_template(family, llm)
     dtype = _as_dtype(dtype or torch.bfloat16)
-    model, tokenizer = build_hf_model(size, llm=llm, seed=seed, dtype=dtype, device=device)
+    tokenizer = default_tokenizer(template, pad_to=SIZES[size].vocab_size)
+    model, tokenizer = build_hf_model(size, llm=llm, seed=seed, dtype=dtype, device=device, tokenizer=tokenizer)
     kind = LLM_KINDS[llm]
     if format == FORMAT_ORIGINAL:
-        return save_original(model, tokenizer, out_dir, template=kind.template, max_tiles=max_tiles,
+        return save_original(model, tokenizer, out_dir, template=template, max_tiles=max_tiles,
                              llm_architecture=kind.architecture, dtype=dtype)
-    return save_hf(model, tokenizer, out_dir, template=kind.template, max_tiles=max_tiles)
+    return save_hf(model, tokenizer, out_dir, template=template, max_tiles=max_tiles, official=family != "internvl2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (default: %(default)s)")
     parser.add_argument("--llm", choices=sorted(LLM_KINDS), default=None,
                         help="LLM family (default: the size's own; tiny/1b qwen2, 2b internlm2)")
+    parser.add_argument("--family", choices=FAMILIES, default="internvl2",
+                        help="chat template family: internvl2 (the LLM's template) or internvl2_5/internvl3 "
+                             "(the internvl2_5 template; in the transformers format written like the official -hf "
+                             "checkpoints) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default: %(default)s)")
     parser.add_argument("--max-tiles", type=int, default=6,
                         help="max_dynamic_patch saved with the checkpoint (default: %(default)s)")
@@ -410,9 +478,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.max_tiles < 1:
         raise SystemExit("--max-tiles must be at least 1")
     out = write_tiny_checkpoint(args.out_dir, format=args.format, size=args.size, llm=args.llm, seed=args.seed,
-                                max_tiles=args.max_tiles, dtype=args.dtype, device=args.device)
+                                max_tiles=args.max_tiles, dtype=args.dtype, device=args.device, family=args.family)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(f"wrote {args.format} {args.size} checkpoint (llm {args.llm or SIZES[args.size].default_llm}, "
+    print(f"wrote {args.format} {args.size} checkpoint ({args.family}, llm {args.llm or SIZES[args.size].default_llm}, "
           f"seed {args.seed}) to {out}: {size / 2**20:.1f} MiB")
     return out
 

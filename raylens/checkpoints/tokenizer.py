@@ -40,21 +40,20 @@ def _jinja_literal(text: str) -> str:
 
 
 def chat_template_for(template: ChatTemplate) -> str:
-    """A Jinja chat template producing `raylens.prompts.build_prompt`'s layout.
+    """A Jinja chat template producing `raylens.conversation.render`'s layout.
 
-    System turn (the given one, else InternVL's default), then `role + content + sep` per message with no
-    separator between turns, then the assistant role when `add_generation_prompt`. List contents render
-    text parts as-is and each image part as `<image>\\n`, the placeholder raylens expands.
+    System turn (the given one, else the template's default; none when that is empty), then
+    `role + content + sep` per message, then the assistant role when `add_generation_prompt`. List contents
+    render each image part as `<image>\\n` and text parts as-is, the images first (as `render` puts them).
     """
     system_prefix = template.system_template.split("{system_message}")[0]
     sep, user, assistant = (_jinja_literal(s) for s in (template.sep, template.user_role, template.assistant_role))
     return (
         "{%- macro render(content) -%}"
         "{%- if content is string -%}{{ content }}"
-        "{%- else -%}{%- for part in content -%}"
-        "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
-        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-        "{%- endfor -%}{%- endif -%}"
+        "{%- else -%}{%- for part in content if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+        "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+        "{%- endif -%}"
         "{%- endmacro -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         f"{{{{ {_jinja_literal(system_prefix)} + render(messages[0]['content']) + {sep} }}}}"
@@ -126,7 +125,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, template: str 
         backend = pad_vocab(backend, pad_to)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token=chat.sep,
+        eos_token=chat.end_of_turn,
         pad_token=PAD_TOKEN,
         unk_token=None,
         bos_token=None,
@@ -141,6 +140,6 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, template: str 
         model_max_length=32768,
     )
     # The rest of the specials, so `skip_special_tokens` drops them too.
-    others = [t for t in specials if t not in (chat.sep, PAD_TOKEN, IMG_START, IMG_END, IMG_CONTEXT)]
+    others = [t for t in specials if t not in (chat.end_of_turn, PAD_TOKEN, IMG_START, IMG_END, IMG_CONTEXT)]
     tokenizer.add_special_tokens({"extra_special_tokens": others}, replace_extra_special_tokens=False)
     return tokenizer

@@ -166,3 +166,48 @@ def test_demo_model_stops_where_the_transformers_engine_stops():
         lm.close()
     assert [r.text for r in got] == [r.text for r in expected]
     assert all(r.finish_reason == "stop" and " on " not in r.text for r in got)
+
+
+def _save_hf_processor(ckpt) -> None:
+    """lmdeploy's InternVL3-hf path loads AutoProcessor: save the processor the official -hf repos ship."""
+    pytest.importorskip("torchvision", reason="InternVLVideoProcessor (part of InternVLProcessor) needs torchvision")
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorFast, InternVLProcessor, InternVLVideoProcessor
+
+    from raylens.checkpoints.formats import ModelSpec
+    from raylens.checkpoints.tiny import HF_CHAT_TEMPLATE
+
+    spec = ModelSpec.from_dir(ckpt)
+    image_processor = GotOcr2ImageProcessorFast(size={"height": spec.tile_size, "width": spec.tile_size},
+                                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                                                min_patches=spec.min_tiles, max_patches=spec.max_tiles)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(str(ckpt)),
+                                  video_processor=InternVLVideoProcessor(), chat_template=HF_CHAT_TEMPLATE,
+                                  image_seq_length=spec.image_tokens_per_tile)
+    processor.save_pretrained(str(ckpt))
+
+
+@pytest.mark.parametrize("fmt", ["internvl_chat", "internvl_hf"])
+@pytest.mark.parametrize("family,llm", [("internvl2_5", "internlm2"), ("internvl3", "qwen2")])
+def test_lmdeploy_runs_internvl2_5_and_internvl3_checkpoints(tmp_path, family, llm, fmt):
+    """Both formats of both families: lmdeploy sees the transformers engine's prompt for one-image requests and
+    a multi-image chat (the -hf ones without a system message, as their chat template says)."""
+    from raylens.checkpoints.tiny import write_tiny_checkpoint
+    from raylens.engines.lmdeploy_engine import LMDeployEngine
+    from raylens.engines.transformers_engine import TransformersEngine
+
+    ckpt = write_tiny_checkpoint(tmp_path / f"{family}-{fmt}", format=fmt, family=family, llm=llm, seed=3, max_tiles=4)
+    if fmt == "internvl_hf":
+        _save_hf_processor(ckpt)
+    images = [image_bytes((64, 48)), image_bytes((300, 100), (0, 0, 255))]
+    params = SamplingParams(max_new_tokens=8)
+    hf = TransformersEngine(str(ckpt), device="cuda", dtype="float32")
+    expected = asyncio.run(hf.generate(_requests(hf.spec, images, 4, "Describe the image.") + [_chat(hf.spec)], params))
+    hf.close()
+    lm = LMDeployEngine(str(ckpt), max_batch_size=16, eager_mode=True, cache_max_entry_count=0.2)
+    try:
+        got = asyncio.run(lm.generate(_requests(lm.spec, images, 4, "Describe the image.") + [_chat(lm.spec)], params))
+    finally:
+        lm.close()
+    for a, b in zip(got, expected):
+        assert a.error is None, a.error
+        assert a.num_input_tokens == b.num_input_tokens and a.num_output_tokens >= 1
