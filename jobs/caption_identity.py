@@ -11,7 +11,8 @@ same rows. `run_identity` records, in `_manifest.json`:
 * the model: a hash of its files' content (small files whole; large weight files by size and 16 sampled
   64 KiB windows, which a fine-tune or a merged LoRA changes), whatever path or URI named it;
 * the settings that change an answer: prompts (or the question column), sampling, the tiling actually
-  used (`--max-tiles` or the checkpoint's), `--max-pixels`, `--allowed-domains`, the image column.
+  used (`--max-tiles` or the checkpoint's), `--max-pixels`, `--allowed-domains`, the image column, and the
+  decoding options (`--fast-jpeg-decode`, `--alpha-background`).
 
 Settings that change only speed or placement (batch size, replicas, GPUs per replica, batches in flight,
 engine options, retries, error budget, the engine) are left out: a rerun may change them. The engine is
@@ -65,6 +66,8 @@ FIELD_NAMES = {
     "use_thumbnail": "the checkpoint's thumbnail setting",
     "max_pixels": "--max-pixels",
     "allowed_domains": "--allowed-domains",
+    "fast_jpeg_decode": "--fast-jpeg-decode",
+    "alpha_background": "--alpha-background",
 }
 
 
@@ -94,6 +97,10 @@ def run_identity(config: CaptionJobConfig, *, input_location: Location, in_fs: p
         "use_thumbnail": tiling.use_thumbnail,
         "max_pixels": config.max_pixels,
         "allowed_domains": sorted(domains) if domains else None,
+        # Decoding options that change the pixels; recorded only when set, so outputs written before they
+        # existed (the default decoding) still resume.
+        **({"fast_jpeg_decode": True} if config.fast_jpeg_decode else {}),
+        **({"alpha_background": list(config.alpha_background_rgb())} if config.alpha_background else {}),
     }
 
 

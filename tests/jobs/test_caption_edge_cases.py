@@ -32,7 +32,7 @@ def _run_stages_in_process(plan) -> None:
                              fetcher=UrlFetcher(), tiling=plan.tiling, max_pixels=plan.config.max_pixels)
     stage = GenerateStage(engine="fakes:EchoEngine", model=plan.config.model, s3=plan.s3, model_name=plan.model_name,
                           engine_options={}, params=SamplingParams(), prompts=list(plan.config.prompt),
-                          use_question_column=False, max_tiles=None, extra_fields=plan.extra_fields)
+                          use_question_column=False, extra_fields=plan.extra_fields)
     writer = ShardWriter(plan.out_fs, plan.out_root, plan.config.format, expected, output_schema(plan.extra_fields))
     writer.add(asyncio.run(stage(prepared)))
     assert not writer.incomplete()

@@ -47,6 +47,8 @@ def _refusal(cfg: CaptionJobConfig) -> str:
     ({"format": "jsonl"}, "--format: 'parquet' -> 'jsonl'"),
     ({"shard_size": 2}, "--shard-size: 256 -> 2"),
     ({"max_pixels": 1000}, "--max-pixels"),
+    ({"fast_jpeg_decode": True}, "--fast-jpeg-decode: (not recorded) -> True"),
+    ({"alpha_background": "white"}, "--alpha-background: (not recorded) -> [255, 255, 255]"),
 ])
 def test_a_rerun_with_other_output_settings_is_refused_naming_them(tmp_path, flags, named):
     _images(tmp_path / "in")
