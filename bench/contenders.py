@@ -207,7 +207,8 @@ def run_raylens(args: dict) -> dict:
                   "batches": [(round(a - t0, 2), round(b - t0, 2), n) for a, b, n in tl["batches"]]}
                  for tl in read_timelines(ready_dir)]
     return dict(startup_s=first_ready, steady_s=last_output - first_ready, images=images, output_tokens=tokens,
-                engines=engines, phases=phases, timelines=timelines, t0=t0, first_output_s=first_t, first_to_last_images_per_s=round((images - first_rows) / (last_output - first_t), 2),
+                engines=engines, phases=phases, timelines=timelines, t0=t0, first_output_s=first_t, first_to_last_images_per_s=(round((images - first_rows) / (last_output - first_t), 2)
+                                            if last_output > first_t else None),  # one output batch: no span
                 t_start=t0 + first_ready, t_end=t0 + last_output)
 
 
