@@ -65,7 +65,8 @@ class ServeConfig:
     api_key: str | None = _f(None, f"Bearer key required on every route but /health; ${API_KEY_ENV} sets it from the environment", repr=False)
     cors_origins: list[str] = _f(None, "origins allowed by CORS (default: none, CORS off)")
     log_prompts: bool = _f(False, "log prompts and image URLs (off: only sizes and timings are logged)")
-    web_dir: str | None = _f(None, "a directory of static files served at / (the web chat page); none by default")
+    web_page: bool = _f(True, "serve the web chat page: its index.html at /, its other files under /web/ (false: the API only)")
+    web_dir: str | None = _f(None, "directory of the web page's files (default: the shipped serve/web/)")
     # -- model replicas: admission, backpressure, autoscaling ---------------------------------
     min_replicas: int = _f(1, "model replicas kept running")
     max_replicas: int = _f(1, "model replicas the autoscaler may add")

@@ -2,10 +2,11 @@
 `serve.chat` (validation), `serve.intake` (images) and the model deployment, and lets `serve.errors`
 turn anything that went wrong into an OpenAI-style answer.
 
-Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (no key).
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/models/{id}` (model cards carry a `raylens`
+object with the request limits), `GET /health` (no key), and the web page at `/`.
 The FastAPI app is built per replica (`__serve_build_asgi_app__`), after the config is known, so CORS is
-added only when `cors_origins` is set and static files (the web page) are mounted at `/` only when
-`web_dir` is set, below the API routes. Static files need no key: they hold no data, and a browser cannot
+added only when `cors_origins` is set and the web chat page (`serve.webpage`: `/` and `/web/*`) only when
+`web_page` is on, after the API routes. The page needs no key: it holds no data, and a browser cannot
 send one for the page itself; the page's own API calls do.
 """
 from __future__ import annotations
@@ -58,10 +59,10 @@ class ChatIngress:
         app.add_api_route("/v1/models", self.list_models, methods=["GET"])
         app.add_api_route("/v1/models/{model_id:path}", self.get_model, methods=["GET"])
         app.add_api_route(CHAT_ROUTE, self.chat_completions, methods=["POST"])
-        if self.config.web_dir:
-            from fastapi.staticfiles import StaticFiles
+        if self.config.web_page:
+            from serve.webpage import add_web_page
 
-            app.mount("/", StaticFiles(directory=self.config.web_dir, html=True), name="web")
+            add_web_page(app, self.config.web_dir)
         return app
 
     async def _http_exception(self, request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -176,7 +177,16 @@ class ChatIngress:
         return self._intake
 
     def _card(self, info: ModelInfo) -> ModelCard:
-        return ModelCard(id=info.model_name, created=info.created)
+        return ModelCard(id=info.model_name, created=info.created, raylens=self._client_limits())
+
+    def _client_limits(self) -> dict:
+        """What a client needs to size its requests (the web page downscales images by these)."""
+        from raylens.prompts import DEFAULT_CAPTION_PROMPT
+
+        c = self.config
+        return dict(max_images=c.max_images, max_image_bytes=c.max_image_bytes, max_image_pixels=c.max_image_pixels,
+                    max_body_bytes=c.max_body_bytes, max_tokens_limit=c.max_tokens_limit,
+                    default_max_tokens=c.default_max_tokens, max_tiles=c.max_tiles, caption_prompt=DEFAULT_CAPTION_PROMPT)
 
     def _error(self, exc: BaseException) -> JSONResponse:
         return error_response(exc, retry_after_s=self.config.retry_after_s)

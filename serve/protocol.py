@@ -129,6 +129,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "raylens"
+    raylens: dict | None = None  # extension: the request limits clients (the web page) size their requests by
 
 
 class ModelList(BaseModel):

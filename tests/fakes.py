@@ -75,3 +75,20 @@ class DyingEngine(EchoEngine):
             open(self.marker, "w").close()
             raise EngineDeadError("the device is gone (test)")
         return await super().generate(requests, params)
+
+
+class SlowEngine(EchoEngine):
+    """Streams back the words of the last user message, `word_delay_s` apart: an answer still running when a
+    test stops it (the web page's Stop button) or keeps the replica busy (overload)."""
+
+    def __init__(self, model_dir: str, *, word_delay_s: float = 0.25, **options: object) -> None:
+        super().__init__(model_dir, **options)
+        self.word_delay_s = word_delay_s
+
+    async def stream(self, request: VLRequest, params: SamplingParams):
+        conversation, _ = request.as_conversation()
+        words = conversation.turns[-1].user.split()
+        for i, word in enumerate(words):
+            await asyncio.sleep(self.word_delay_s)
+            yield VLDelta(request.request_id, word if i == 0 else " " + word, 1, i + 1)
+        yield VLDelta(request.request_id, "", 1, len(words), finish_reason="stop")

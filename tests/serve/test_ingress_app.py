@@ -32,7 +32,8 @@ def test_static_files_mount_below_the_api(tmp_path):
     assert client.get("/").text == "<html>chat</html>"  # the page itself needs no key
     assert client.get("/health").json() == {"status": "ok"}  # API routes win over the mount
     assert client.get("/v1/models").status_code == 401
-    assert app_for().get("/").status_code == 404  # no web_dir: nothing at /
+    assert "raylens chat" in app_for().get("/").text  # no web_dir: the shipped page (serve/web/)
+    assert app_for(web_page=False).get("/").status_code == 404  # web_page: false: nothing at /
 
 
 def test_unauthorised_chat_is_refused_before_reading_the_body():
