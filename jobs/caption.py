@@ -17,11 +17,13 @@ exactly once, and a rerun with other inputs, model or output-changing settings i
 difference (jobs/caption_identity.py). --overwrite deletes only the job's own files, and --output may not
 overlap --input. `setup()` resolves and validates everything that can fail before Ray starts; `main()`
 runs the pipeline.
-Exit codes: 0 done; 1 nothing could be processed, too many errors, no engine, or Ray failed mid-run;
-2 bad flags, --input, --output, --model, an unreachable --ray-address, or a rerun that does not match.
+Exit codes: 0 done; 1 nothing could be processed, too many errors, no engine, the output refused a write,
+or Ray failed mid-run; 2 bad flags, --input, --output, --model, an unreachable --ray-address, or a rerun
+that does not match.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -67,6 +69,21 @@ MAX_RUN_RECORDS = 100  # per-run records kept in _summary.json
 
 class UsageError(Exception):
     """Bad --input/--output or arguments: one line for the user, exit code 2."""
+
+
+class OutputWriteError(Exception):
+    """The output refused a write mid-run (disk full, permission withdrawn, bucket gone): one line, exit 1.
+    Shards written before it are complete files, so a rerun of the same command resumes."""
+
+
+@contextlib.contextmanager
+def _writing_output(plan: "JobPlan"):
+    """Turns an OSError of the output filesystem into OutputWriteError (only around output writes:
+    Ray's task errors can be OSErrors too, and are not the output's fault)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write --output {plan.config.output}: {' '.join(str(exc).split())}") from exc
 
 
 @dataclass
@@ -523,8 +540,10 @@ def main(plan: JobPlan) -> dict:
         writer = ShardWriter(plan.out_fs, plan.out_root, plan.config.format, expected, output_schema(plan.extra_fields))
         with engine_start_failures_reported_once(plan.config.log_level in ("WARNING", "ERROR")):
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                writer.add(batch)
-        record_lost_rows(plan, writer, rows)
+                with _writing_output(plan):
+                    writer.add(batch)
+        with _writing_output(plan):
+            record_lost_rows(plan, writer, rows)
         written = len(writer.written)
     else:
         print("every shard is already written; nothing to do", flush=True)
@@ -532,14 +551,16 @@ def main(plan: JobPlan) -> dict:
     this_run = {"started": started, "wall_s": round(wall_s, 3), "processed_images": len(rows),
                 "images_per_s": round(len(rows) / wall_s, 3) if rows and wall_s > 0 else None,
                 "engine": engine, "shards_written": written}
-    summary = summarize(plan, this_run, previous)
-    write_atomically(plan.out_fs, posixpath.join(plan.out_root, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    with _writing_output(plan):
+        summary = summarize(plan, this_run, previous)
+        write_atomically(plan.out_fs, posixpath.join(plan.out_root, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     return summary
 
 
 def run(argv: list[str] | None = None) -> int:
-    """The CLI: exit 0 done; 1 nothing processed, too many errors, no engine or Ray failed; 2 bad flags,
-    --input, --output, --model or an unreachable --ray-address. Every failure is one line on stderr."""
+    """The CLI: exit 0 done; 1 nothing processed, too many errors, no engine, the output refused a write or
+    Ray failed; 2 bad flags, --input, --output, --model or an unreachable --ray-address. Every failure is
+    one line on stderr."""
     from jobs.caption_runtime import (
         RayUnavailable,
         check_reachable,
@@ -565,6 +586,9 @@ def run(argv: list[str] | None = None) -> int:
     except RayUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OutputWriteError as exc:
+        print(f"error: {exc} (the finished shards are kept: rerun the same command to resume)", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001
         cause = engine_start_failure(exc)
         if cause is not None:

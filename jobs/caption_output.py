@@ -31,6 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raylens.storage import read_bytes, retry_transient
+
 logger = logging.getLogger("raylens.caption")
 
 MANIFEST_FILE = "_manifest.json"
@@ -88,8 +90,7 @@ def read_manifest(fs: pafs.FileSystem, root: str) -> Manifest | None:
     path = posixpath.join(root, MANIFEST_FILE)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    with fs.open_input_stream(path) as f:
-        data = f.read()
+    data = read_bytes(fs, path)  # a small file: on S3 it needs raylens.storage's retries
     try:
         return Manifest.from_json(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -221,10 +222,12 @@ class ShardWriter:
 
 # ------------------------------------------------------------------------------------- reading back
 def _read_part(fs: pafs.FileSystem, path: str, fmt: str, columns: list[str] | None) -> pa.Table:
-    with fs.open_input_file(path) as f:
-        if fmt == "parquet":
-            return pq.read_table(f, columns=columns)
-        rows = [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line]
+    # One whole read (retried when transient), not Parquet's small ranged reads of column chunks, which
+    # the AWS SDK does not retry when an error answer outgrows them (raylens.storage).
+    data = read_bytes(fs, path)
+    if fmt == "parquet":
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
     if columns is not None:
         rows = [{c: r.get(c) for c in columns} for r in rows]
     return pa.Table.from_pylist(rows)
@@ -237,12 +240,14 @@ def check_part(fs: pafs.FileSystem, path: str, fmt: str, rows: int, columns: lis
     exactly `columns`. Never raises for a damaged file: that is what this finds."""
     try:
         if fmt == "parquet":
-            with fs.open_input_file(path) as f:
-                meta = pq.read_metadata(f)
+            def footer() -> pq.FileMetaData:  # retried when transient: a flaky read is no damaged file
+                with fs.open_input_file(path) as f:
+                    return pq.read_metadata(f)
+
+            meta = retry_transient(footer)
             found_rows, found_columns = meta.num_rows, list(meta.schema.to_arrow_schema().names)
         else:
-            with fs.open_input_file(path) as f:
-                lines = [line for line in f.read().decode("utf-8").splitlines() if line]
+            lines = [line for line in read_bytes(fs, path).decode("utf-8").splitlines() if line]
             parsed = [json.loads(line) for line in lines]
             if any(not isinstance(r, dict) or list(r) != columns for r in parsed):
                 return "a line is not a row with the job's columns"

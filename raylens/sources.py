@@ -73,7 +73,8 @@ from raylens.errors import KindError
 from raylens.fetch import FETCH_ERROR_KINDS, FetchError, UrlFetcher
 from raylens.images import IMAGE_EXTENSIONS
 from raylens.manifests import MANIFEST_EXTENSIONS, BadRow, is_manifest, read_manifest
-from raylens.storage import S3Settings, has_undecodable_bytes, list_files, readable_name, relative_id, to_uri
+from raylens.storage import (S3Settings, has_undecodable_bytes, list_files, readable_name, relative_id, retry_transient,
+                             to_uri)
 from raylens.webdataset import SHARD_EXTENSION, find_member, iter_shard_samples, read_member_range
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class InputItem:
     columns of its manifest row (or its WebDataset metadata) to carry to the output."""
 
     id: str
-    source: str  # local path | "s3://bucket/key" | "http(s)://..." | "tar://<shard>#<member>..." | "" (no image)
+    source: str  # local path | "file://..." | "s3://bucket/key" | "http(s)://..." | "tar://<shard>#<member>..." | "" (no image)
     question: str | None = None
     extra: tuple[tuple[str, Scalar], ...] = ()
     error: str | None = None  # known bad while listing (a manifest line that is not JSON): read as bad_row
@@ -242,11 +243,15 @@ def list_inputs(fs: pafs.FileSystem, root: str, *, image_column: str = "image", 
     ValueError for ``question_column`` with a directory of images (there is nowhere to read it from),
     for ``image_roots`` with an input that is not a manifest, and for an image root that is no folder.
     """
-    kind, files = _scan(fs, root)
+    def listed() -> tuple[str, list[InputItem]]:  # all again after a transient object-store failure
+        kind, files = _scan(fs, root)
+        return kind, list(_items(fs, root, kind, files, image_column, question_column))
+
+    kind, items = retry_transient(listed)
     if image_roots and kind != "manifest":
         raise ValueError(f"--image-root widens what manifest rows may read, but {to_uri(fs, root)} is a {kind} input")
     roots = manifest_roots(fs, root, image_roots) if kind == "manifest" else None
-    return InputListing(kind=kind, items=list(_items(fs, root, kind, files, image_column, question_column)), roots=roots)
+    return InputListing(kind=kind, items=items, roots=roots)
 
 
 def iter_inputs(fs: pafs.FileSystem, root: str, *, image_column: str = "image",
@@ -549,12 +554,15 @@ def _read_local(path: str, uri: str, roots: ReadRoots | None, max_bytes: int) ->
 
 
 def _read_file(fs: pafs.FileSystem, path: str, uri: str, max_bytes: int) -> bytes:
-    try:
+    def read() -> bytes:
         with fs.open_input_file(path) as f:
             size = f.size()
             if size > max_bytes:
                 raise SourceError("too_large", f"{uri} is {size} bytes, more than the limit of {max_bytes}")
             return f.read()
+
+    try:
+        return retry_transient(read)  # what the AWS SDK leaves unretried (raylens.storage)
     except FileNotFoundError:
         raise SourceError("missing", f"{uri} does not exist") from None
     except OSError as exc:
@@ -571,12 +579,15 @@ def _read_tar(source: str, filesystems: SourceFilesystems, max_bytes: int) -> by
     else:
         fs = filesystems.local
         path, _ = _checked_local(_local_path(shard), shard, filesystems.roots, max_bytes=1 << 62)
-    try:
+    def read(offset: int | None = offset, size: int | None = size) -> bytes:
         if offset is None or size is None:
             offset, size = find_member(fs, path, member)
         if size > max_bytes:
             raise SourceError("too_large", f"{source} is {size} bytes, more than the limit of {max_bytes}")
         return read_member_range(fs, path, member, offset, size)
+
+    try:
+        return retry_transient(read)
     except SourceError:
         raise
     except FileNotFoundError:

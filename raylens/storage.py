@@ -6,7 +6,11 @@ down explicitly. pyarrow's `S3FileSystem()` ignores `AWS_ENDPOINT_URL(_S3)` on i
 S3 requests that fail transiently (5xx, throttling, dropped connections) are retried by the AWS SDK
 with backoff, `S3Settings.retry_attempts` times in all. A pickled `S3FileSystem` forgets its retry
 strategy (pyarrow 26 leaves it out of `__reduce__`): build filesystems from `S3Settings` where they
-are used rather than shipping them.
+are used rather than shipping them. One transient failure the SDK does not retry: it writes an error
+answer's XML body (a few hundred bytes) into the buffer of a ranged read, and a read smaller than that
+body fails as a non-retryable INTERNAL_FAILURE "Failed to flush response stream" (small files like
+`_manifest.json`, Parquet column chunks). `retry_transient` retries such failures, and `read_bytes`
+(a whole file in one read) uses it.
 
 Listing a local tree is our own walk, not pyarrow's recursive selector, which follows symbolic links
 without remembering where it has been: `ln -s . loop` listed every image 41 times, and two such links
@@ -23,15 +27,21 @@ import heapq
 import logging
 import os
 import posixpath
+import re
 import stat
+import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 DEFAULT_S3_RETRY_ATTEMPTS = 6
+# What pyarrow's S3 errors say when a retry may succeed (the SDK's error types, or the HTTP status).
+_TRANSIENT = re.compile(r"AWS Error (INTERNAL_FAILURE|NETWORK_CONNECTION|SLOW_DOWN|SERVICE_UNAVAILABLE|THROTTLING|"
+                        r"REQUEST_TIMEOUT|REQUEST_TIME_TOO_SKEWED)|HTTP status (5\d\d|429)")
 
 
 @dataclass(frozen=True)
@@ -179,9 +189,33 @@ def relative_id(root: str, path: str) -> str:
     return rel
 
 
+def is_transient(exc: BaseException) -> bool:
+    """An object-store failure that another attempt may not meet (never a missing key or a refusal)."""
+    return (isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError))
+            and bool(_TRANSIENT.search(str(exc))))
+
+
+def retry_transient(fn: Callable[[], T], *, attempts: int = 4, first_delay_s: float = 0.2) -> T:
+    """``fn()``, again after a transient failure (`is_transient`), with exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OSError as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            logger.info("retrying after a transient storage error: %s", exc)
+            time.sleep(first_delay_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    """The whole file, transient failures retried (see the module docstring)."""
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retry_transient(read)
 
 
 def ensure_writable_dir(fs: pafs.FileSystem, path: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from raylens.checkpoints.formats import read_model_spec
 from raylens.engines.base import EngineDeadError, SamplingParams, VLDelta, VLRequest, VLResult
@@ -92,3 +93,34 @@ class SlowEngine(EchoEngine):
             await asyncio.sleep(self.word_delay_s)
             yield VLDelta(request.request_id, word if i == 0 else " " + word, 1, i + 1)
         yield VLDelta(request.request_id, "", 1, len(words), finish_reason="stop")
+
+
+class ExitingEngine(EchoEngine):
+    """Like EchoEngine, but its process dies (`os._exit`) on chosen batches of the whole job.
+
+    Every `generate` call, in any actor of any run, claims the next number in `kill_dir` (a file
+    created with O_EXCL: numbers are unique across processes and survive a killed driver). A call
+    whose number is in `kill_at` appends a line to `kill_dir/kills.log` and exits the process, so
+    exactly len(kill_at) engine actors die once that many batches were started, wherever they ran."""
+
+    def __init__(self, model_dir: str, *, kill_dir: str, kill_at: list[int], **options: object) -> None:
+        super().__init__(model_dir, **options)
+        self.kill_dir = kill_dir
+        self.kill_at = frozenset(kill_at)
+        self._next = 0
+
+    def _claim(self) -> int:
+        while True:
+            try:
+                os.close(os.open(os.path.join(self.kill_dir, f"batch-{self._next:06d}"), os.O_CREAT | os.O_EXCL))
+                return self._next
+            except FileExistsError:
+                self._next += 1
+
+    async def generate(self, requests: list[VLRequest], params: SamplingParams) -> list[VLResult]:
+        number = self._claim()
+        if number in self.kill_at:
+            with open(os.path.join(self.kill_dir, "kills.log"), "a") as log:
+                log.write(f"{time.time():.3f} pid={os.getpid()} batch={number}\n")
+            os._exit(17)
+        return await super().generate(requests, params)

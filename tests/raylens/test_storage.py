@@ -119,3 +119,33 @@ def test_non_utf8_names_are_listed_not_crashed_on(tmp_path):
         f.write(b"x")
     (tmp_path / "b.png").write_bytes(b"b")
     assert _ids(tmp_path) == ["b.png", name]
+
+
+# ------------------------------------------------------------------------------- transient S3 failures
+def test_a_small_read_answered_with_an_s3_error_is_retried(local_s3):
+    """The AWS SDK in pyarrow writes an error answer's XML body into the buffer of a ranged read; a
+    body longer than the range (any read under ~250 bytes, e.g. a small _manifest.json or a Parquet
+    column chunk) turns into a non-retried INTERNAL_FAILURE "Failed to flush response stream"
+    (apache/doris#66557 describes the same SDK behaviour). read_bytes retries those itself."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fault_proxy import FaultProxy, first_n_reads_fail
+
+    bucket = local_s3.new_bucket("small")
+    local_s3.put(bucket, "tiny.json", b'{"a": 1}')
+    with FaultProxy(local_s3.endpoint) as proxy:
+        settings = S3Settings(endpoint=proxy.endpoint, region=local_s3.settings.region,
+                              access_key=local_s3.settings.access_key, secret_key=local_s3.settings.secret_key)
+        fs = settings.filesystem()
+        get_only = first_n_reads_fail(1, "503")
+        proxy.policy = lambda method, path: get_only(method, path) if method == "GET" else None
+        with pytest.raises(OSError, match="Failed to flush response stream"):  # what pyarrow alone does
+            with fs.open_input_stream(f"{bucket}/tiny.json") as f:
+                f.read()
+        get_only = first_n_reads_fail(2, "500")
+        assert read_bytes(fs, f"{bucket}/tiny.json") == b'{"a": 1}'
+        assert proxy.counts.snapshot()["faults"] == {"503": 1, "500": 2}
+    with pytest.raises(FileNotFoundError):  # a missing key is not retried
+        read_bytes(local_s3.filesystem(), f"{bucket}/nope.json")
