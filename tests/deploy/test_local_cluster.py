@@ -193,3 +193,35 @@ def _wait_for_health(url: str, cluster: LocalCluster, timeout: float) -> None:
         time.sleep(2)
     status = cluster.run_shell(f"RAY_AUTH_MODE=token serve status --address {cluster.dashboard_url}", timeout=60)
     raise AssertionError(f"{url} not healthy after {timeout:.0f} s\n{status.stdout}\n{cluster.log_tail()}")
+
+
+def test_readme_finetune_job_trains_with_two_workers_on_the_cluster(cluster, local_s3, tmp_path):
+    """The README's fine-tuning submission: 2 Ray Train workers on the cluster, data, base model and
+    checkpoints in S3. Appended to the README's line only to keep it short: `--max-steps 2`."""
+    pytest.importorskip("jobs.finetune_config", reason="fine-tuning (jobs/finetune.py) is not on main yet")
+    import json
+
+    from raylens.training.demo_data import write_shape_questions
+
+    bucket = local_s3.new_bucket("cluster-finetune")
+    data = write_shape_questions(tmp_path / "data", train=8, held_out=1, seed=0)["train"]
+    local_s3.put(bucket, "train/train.jsonl", data.read_bytes())
+    for image in sorted((data.parent / "images" / "train").iterdir()):
+        local_s3.put(bucket, f"train/images/train/{image.name}", image.read_bytes())
+    for file in DEMO_MODEL_DIR.iterdir():
+        local_s3.put(bucket, f"models/internvl2-2b/{file.name}", file.read_bytes())
+    script = for_this_cluster(readme_block("cluster-finetune"), cluster, bucket)
+    script = re.sub(r"(python -m jobs\.finetune .*)$", r"\1 --max-steps 2", script, flags=re.MULTILINE)
+    assert script.count("--max-steps 2") == 1 and "--workers 2" in script and "--working-dir ." in script
+
+    _submit(cluster, script, timeout=600)
+    fs = local_s3.filesystem()
+    run = f"{bucket}/runs/shapes-lora"
+    with fs.open_input_stream(f"{run}/_summary.json") as f:
+        summary = json.loads(f.read())
+    assert summary["completed"] and summary["step"] == 2 and summary["error"] is None, summary
+    assert summary["latest_checkpoint"] in summary["checkpoints"]
+    files = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{run}/{summary['latest_checkpoint']}"))}
+    assert files, "the checkpoint in S3 is empty"
+    workers = [a for a in _actors(cluster, "TrainWorker") if a.get("node_id")]
+    assert len(workers) >= 2, [a["class_name"] for a in workers]
