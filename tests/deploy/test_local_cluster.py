@@ -7,6 +7,7 @@ from the README, with only the bucket and the dashboard address put in.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import time
@@ -143,7 +144,6 @@ def test_readme_serve_deploy_then_one_chat_request_with_the_openai_client(cluste
     """`serve deploy serve/config.yaml` on the cluster, then the official openai client asks for a caption.
     The one change to the README's lines: a copy of serve/config.yaml that listens on a free port, since
     other programs on this machine may hold port 8000."""
-    pytest.importorskip("serve.config", reason="the endpoint (serve/) is not on main yet")
     import base64
 
     import yaml
@@ -195,10 +195,11 @@ def _wait_for_health(url: str, cluster: LocalCluster, timeout: float) -> None:
     raise AssertionError(f"{url} not healthy after {timeout:.0f} s\n{status.stdout}\n{cluster.log_tail()}")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jobs.finetune_config") is None,
+                    reason="fine-tuning (jobs/finetune.py) is not on main yet")
 def test_readme_finetune_job_trains_with_two_workers_on_the_cluster(cluster, local_s3, tmp_path):
     """The README's fine-tuning submission: 2 Ray Train workers on the cluster, data, base model and
     checkpoints in S3. Appended to the README's line only to keep it short: `--max-steps 2`."""
-    pytest.importorskip("jobs.finetune_config", reason="fine-tuning (jobs/finetune.py) is not on main yet")
     import json
 
     from raylens.training.demo_data import write_shape_questions
