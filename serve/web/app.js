@@ -18,6 +18,7 @@ const state = {
   attachments: [],    // prepared images waiting in the composer
   preparing: 0,       // images still being read or downscaled
   controller: null,   // AbortController of the running answer
+  chat: 0,            // which conversation this is: New chat counts up, so a late answer cannot join the next
 };
 
 const el = {
@@ -333,6 +334,7 @@ async function ask() {
   autosize();
 
   const answer = renderAnswer();
+  const chat = state.chat;
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
@@ -342,9 +344,11 @@ async function ask() {
     const result = await streamChat({ ...requestOptions(), messages: [...systemMessages(), ...state.history, userMessage] },
       { key: state.key, signal: controller.signal, onText: (piece) => answer.append(piece) });
     answer.finished(result, seconds());
-    state.history.push(userMessage, { role: "assistant", content: result.text });
+    if (chat === state.chat) state.history.push(userMessage, { role: "assistant", content: result.text });
   } catch (error) {
-    if (error.name === "AbortError") {
+    if (chat !== state.chat) {
+      // New chat stopped it: that conversation is gone, nothing of it is kept
+    } else if (error.name === "AbortError") {
       answer.stopped(seconds());
       if (answer.text) state.history.push(userMessage, { role: "assistant", content: answer.text });
       else userEl.classList.add("dropped");
@@ -360,8 +364,10 @@ async function ask() {
       if (error.status === 401) askForKey("This server needs an API key.");
     }
   } finally {
-    state.controller = null;
-    setBusy(false);
+    if (state.controller === controller) {
+      state.controller = null;
+      setBusy(false);
+    }
     if (document.activeElement !== el.apiKey) el.prompt.focus();
   }
 }
@@ -373,7 +379,10 @@ function setBusy(busy) {
 }
 
 function newChat() {
+  state.chat += 1;
   if (state.controller) state.controller.abort();
+  state.controller = null;
+  setBusy(false);
   state.history = [];
   state.attachments = [];
   renderTray();

@@ -322,8 +322,13 @@ def test_stop_new_chat_and_busy_server(server, page):
     assert [m["content"] for m in body["messages"][1:]] == [partial, [{"type": "text", "text": "go on"}]]
     assert last_answer(page).locator(".text").inner_text() == "go on"
 
+    # New chat in the middle of an answer: the answer stops and nothing of the old conversation is kept
+    page.fill("#prompt", words)
+    page.press("#prompt", "Enter")
+    page.wait_for_function("""() => { const a = document.querySelectorAll('.msg.assistant');
+                                      return a.length === 3 && a[2].querySelector('.text').textContent.startsWith('1 2'); }""")
     page.click("#new-chat")
-    assert page.locator(".msg").count() == 0 and page.is_visible("#empty")
+    assert page.locator(".msg").count() == 0 and page.is_visible("#empty") and page.is_visible("#send")
     body = ask(page, "fresh start")
     assert len(body["messages"]) == 1
 
