@@ -113,12 +113,12 @@ def test_empty_input_dir_exits_2(tmp_path, capsys):
     assert code == 2 and "no image files" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def _caption_parts(name: str) -> tuple[str, str, str]:
     color, shape, _, background = Path(name).stem.split("_")  # files are named after their caption
     return color, shape, background
 
 
+@pytest.mark.slow
 def test_quick_start_command_captions_the_examples_with_the_demo_model(tmp_path):
     """The README's first command, as a user runs it: a fresh process that starts its own Ray."""
     out = tmp_path / "captions"
