@@ -37,7 +37,6 @@ def run_pipeline(args: dict) -> dict:
 
     from raylens.checkpoints.formats import read_model_spec
     from raylens.engines.lmdeploy_engine import lmdeploy_chat_template
-    from raylens.prompts import get_template
 
     t0 = time.perf_counter()
     probe = _PreprocessProbe() if args.get("timeline") else None
@@ -45,7 +44,7 @@ def run_pipeline(args: dict) -> dict:
     pipe = pipeline(
         args["model"],
         backend_config=PytorchEngineConfig(**args.get("engine_options", {})),
-        chat_template_config=lmdeploy_chat_template(get_template(spec.template), "bench"),
+        chat_template_config=lmdeploy_chat_template(spec.chat_template(), "bench", spec.system_message),
         trust_remote_code=True,
     )
     gen = GenerationConfig(max_new_tokens=args["max_new_tokens"], ignore_eos=True, do_sample=False)

@@ -66,10 +66,11 @@ def _prompt_text_tokens(model_dir: Path, spec) -> int:
     from transformers import AutoTokenizer
 
     from bench.contenders import PROMPT
-    from raylens.prompts import build_prompt, get_template
+    from raylens.prompts import build_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
-    prompt = build_prompt(get_template(spec.template), PROMPT, num_images=1).replace("<image>", "<img></img>")
+    prompt = build_prompt(spec.chat_template(), PROMPT, num_images=1,
+                          system_message=spec.system_message).replace("<image>", "<img></img>")
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
