@@ -103,3 +103,25 @@ def test_log_level_shows_raylens_own_lines_through_a_handler_installed_at_run_ti
     assert "INFO raylens.caption: KV cache: 0.5 of the GPU" in err
     assert "placement group" not in err and "WARNING raylens.caption: a real warning" in err
     assert err.count("a real warning") == 1  # one handler, however often it is configured
+
+
+def test_ray_failing_mid_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    """How `run()` reports Ray itself failing during the pipeline (a cluster or node that died): the
+    failure is raised here by hand, since killing a real Ray under the test session would take the
+    other tests' instance with it; what is tested is the CLI's answer to it."""
+    import ray.exceptions
+
+    import jobs.caption as caption
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(image_bytes())
+
+    def cluster_lost(plan):
+        raise ray.exceptions.RaySystemError("System error: the GCS at 10.0.0.1:6379 is unreachable\nlong details")
+
+    monkeypatch.setattr(caption, "main", cluster_lost)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = run(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "failed during the run" in err[0] and "a rerun resumes" in err[0] and "GCS" in err[0]
