@@ -113,3 +113,16 @@ def test_a_rerun_with_nothing_to_do_keeps_the_figures_of_the_runs_that_did_the_w
     assert summary["images_per_s"] == 0.08 and summary["rows"] == 1 and summary["succeeded"] == 1
     assert [r["processed_images"] for r in summary["runs"]] == [1, 0]
     assert summary["runs"][0] == first and summary["runs"][1]["engine"] is None
+
+
+def test_the_readme_lists_every_error_kind_the_job_can_write():
+    """`error_kind` is a documented vocabulary: a kind added to the code must reach the README's table."""
+    from jobs import caption_stages
+    from raylens.images import ERROR_KINDS
+    from raylens.sources import SOURCE_ERROR_KINDS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    kinds = {f"image.{k}" for k in ERROR_KINDS} | {f"source.{k}" for k in SOURCE_ERROR_KINDS} | {
+        caption_stages.MISSING_QUESTION, caption_stages.ENGINE_REQUEST, caption_stages.ENGINE_FAILED,
+        caption_stages.BATCH_FAILED, "internal.read", "internal.decode"}
+    assert not [k for k in sorted(kinds) if f"`{k}`" not in readme]
