@@ -334,7 +334,9 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
             # Data from fusing this stage into the engine actors: fused, the GPU actor would decode images.
             ray_remote_args_fn=_spread,
         )
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    resources = ray.cluster_resources()
+    has_gpus = resources.get("GPU", 0) > 0
+    _check_cpus_left_for_preprocessing(cfg, resources)
     engine = cfg.engine
     if engine == "auto":
         engine = "lmdeploy" if has_gpus and _lmdeploy_installed() else "transformers"
@@ -370,6 +372,23 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
     # (`record_lost_rows`), so the job finishes and no row goes missing.
     ds.context.max_errored_blocks = -1
     return ds, engine
+
+
+def _check_cpus_left_for_preprocessing(cfg: CaptionJobConfig, resources: dict) -> None:
+    """Each engine actor holds one CPU for its whole life; the prepare tasks need at least one more. With
+    none left the job waits for ever without a word (seen: --replicas 2 on a 2-CPU machine), so on a
+    fixed-size instance that is a usage error, and on a cluster (which may autoscale) a warning."""
+    from jobs.caption_runtime import LOCAL, ray_address
+
+    cpus = resources.get("CPU", 0)
+    _, most = cfg.replica_range()
+    if cpus >= most + 1:
+        return
+    message = (f"--replicas {cfg.replicas} engine actors take {most} of the {cpus:g} CPUs Ray has, leaving none "
+               "to read and decode images")
+    if ray_address(cfg.ray_address, os.environ) == LOCAL:
+        raise UsageError(f"{message}: use --replicas {max(1, int(cpus) - 1)} or fewer here")
+    logger.warning("%s; the job waits until the cluster adds CPUs", message)
 
 
 def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> None:
@@ -583,7 +602,7 @@ def run(argv: list[str] | None = None) -> int:
     print(f"captioning {len(plan.items)} images from {config.input} -> {config.output}", flush=True)
     try:
         summary = main(plan)
-    except RayUnavailable as exc:
+    except (RayUnavailable, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OutputWriteError as exc:

@@ -126,3 +126,20 @@ def test_the_readme_lists_every_error_kind_the_job_can_write():
         caption_stages.MISSING_QUESTION, caption_stages.ENGINE_REQUEST, caption_stages.ENGINE_FAILED,
         caption_stages.BATCH_FAILED, "internal.read", "internal.decode"}
     assert not [k for k in sorted(kinds) if f"`{k}`" not in readme]
+
+
+def test_engine_actors_that_would_take_every_cpu_are_refused_on_a_private_instance(monkeypatch, caplog):
+    """--replicas 2 on a 2-CPU machine used to wait for ever: the engine actors held both CPUs and no
+    prepare task could start. A private instance cannot grow, so that is a usage error naming the fix; a
+    cluster may add nodes, so there it is a warning."""
+    from jobs.caption import UsageError, _check_cpus_left_for_preprocessing
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = CaptionJobConfig(input="in", output="out", replicas="1:2")
+    with pytest.raises(UsageError, match=r"take 2 of the 2 CPUs.*--replicas 1 or fewer"):
+        _check_cpus_left_for_preprocessing(config, {"CPU": 2.0})
+    _check_cpus_left_for_preprocessing(config, {"CPU": 3.0})  # one CPU left for decoding: fine
+    on_cluster = CaptionJobConfig(input="in", output="out", replicas="2", ray_address="10.0.0.1:6379")
+    with caplog.at_level("WARNING"):
+        _check_cpus_left_for_preprocessing(on_cluster, {"CPU": 2.0})
+    assert "waits until the cluster adds CPUs" in caplog.text
