@@ -78,7 +78,7 @@ class ServeConfig:
     downscale_delay_s: float = _f(300.0, "load must stay low this long before a replica is removed")
     num_cpus: float = _f(1.0, "CPUs per model replica")
     num_gpus: float | None = _f(None, "GPUs per model replica (default: 1 for lmdeploy, 0 otherwise)")
-    max_batch_size: int | None = _f(None, "transformers: concurrent requests batched into one generate (@serve.batch); lmdeploy: its max_batch_size")
+    max_batch_size: int | None = _f(None, "transformers: concurrent requests (streamed or not) batched into one generate; lmdeploy: its max_batch_size")
     batch_wait_timeout_s: float = _f(0.01, "transformers: how long a batch waits to fill")
     stream_interval_ms: float = _f(20.0, "streamed text of one request is sent at most this often (fewer, larger chunks under load)")
     # -- ingress replicas (HTTP, validation, image download and decoding) ----------------------
@@ -162,10 +162,13 @@ class ServeConfig:
         return self.model_name or self.model or DEMO_MODEL_NAME
 
     def engine_options(self) -> dict:
-        """Constructor options of the engine: `engine_args` plus the batch size the replica was sized for."""
+        """Constructor options of the engine: `engine_args` plus the batch size the replica was sized for
+        (and, for the transformers engine, how long its batches wait to fill)."""
         options = dict(self.engine_args)
         if self.max_batch_size is not None and self.engine in ("transformers", "lmdeploy"):
             options.setdefault("max_batch_size", self.max_batch_size)
+        if self.engine == "transformers":
+            options.setdefault("batch_wait_timeout_s", self.batch_wait_timeout_s)
         return options
 
     def model_deployment_options(self) -> dict:

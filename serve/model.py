@@ -12,20 +12,20 @@ A request the engine refuses (`RequestError`: prompt too long for the context, .
 replica logs no traceback for a client's mistake. An `EngineDeadError` marks the replica unhealthy, so
 Serve replaces it.
 
-Engines: lmdeploy batches concurrent requests itself (continuous batching on the replica's event loop),
-so every request goes through its `stream`. The transformers engine runs one `generate` at a time, so
-concurrent non-streamed requests are gathered with `@serve.batch` into one batched `generate` per group
-of equal sampling settings (`_batched`); streamed ones use its `stream` (real token-by-token text),
-taking turns on the model.
+Engines batch concurrent requests themselves, streamed or not, so every request goes through the engine's
+`stream`: lmdeploy with its continuous batching on the replica's event loop; the transformers engine by
+gathering concurrent streams of equal settings into shared batched `generate` calls (at most
+`max_batch_size` rows, waiting up to `batch_wait_timeout_s` for a batch to fill; see
+`raylens.engines.stream_batching` for why there and not `@serve.batch` here). A non-streamed answer is the
+same stream, coalesced into the first text and the rest.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
-
-from ray import serve
 
 from raylens.engines.base import EngineDeadError, RequestError, SamplingParams, VLDelta, VLRequest
 from serve.config import ServeConfig
@@ -73,10 +73,6 @@ class VLModel:
         self.info = ModelInfo(config.served_model_name, self.engine.spec, int(time.time()), config.engine)
         self._dead: BaseException | None = None
         self._interval_s = config.stream_interval_ms / 1000.0
-        self._batching = config.engine == "transformers"
-        if self._batching:
-            self._batched.set_max_batch_size(config.max_batch_size or 8)
-            self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     def describe(self) -> ModelInfo:
         return self.info
@@ -91,9 +87,8 @@ class VLModel:
         """The answer to one request as deltas, or one RequestFailure (see the module docstring)."""
         if self._dead is not None:
             raise EngineDeadError(f"engine is dead: {self._dead}")
-        batched = self._batching and not stream
-        source = self._batched(request, params) if batched else self._stream(request, params)
-        async for item in coalesce(source, self._interval_s):
+        interval_s = self._interval_s if stream else math.inf  # not streamed: the text in one piece
+        async for item in coalesce(self._stream(request, params), interval_s):
             yield item
 
     async def _stream(self, request: VLRequest, params: SamplingParams) -> AsyncIterator[VLDelta | RequestFailure]:
@@ -106,35 +101,9 @@ class VLModel:
             self._dead = exc
             raise
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, requests: list[VLRequest], params: list[SamplingParams]) -> AsyncIterator[list]:
-        """Concurrent non-streamed requests of the transformers engine in batched `generate` calls, one per
-        group of equal settings; each request's answer is its one delta."""
-        groups: dict[SamplingParams, list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault(p, []).append(i)
-        out: list = [None] * len(requests)
-        try:
-            for p, members in groups.items():
-                results = await self.engine.generate([requests[i] for i in members], p)
-                for i, result in zip(members, results):
-                    out[i] = result
-        except EngineDeadError as exc:
-            self._dead = exc
-            raise
-        yield [_as_item(r) for r in out]
-
-
-def _as_item(result) -> VLDelta | RequestFailure:
-    """A VLResult as the one item of its request; a per-request error the engine blames on the request
-    (`RequestError: ...`) is the client's, anything else is the server's."""
-    if result.error:
-        kind, _, message = result.error.partition(": ")
-        if kind == RequestError.__name__:
-            return RequestFailure(message, None)
-        raise RuntimeError(f"engine failed on request {result.request_id}: {result.error}")
-    return VLDelta(result.request_id, result.text or "", result.num_input_tokens, result.num_output_tokens,
-                   finish_reason=result.finish_reason)
+    def engine_stats(self) -> dict:
+        """How the engine batched (its `generate_calls`, where it counts them), for operators and tests."""
+        return {"generate_calls": getattr(self.engine, "generate_calls", None)}
 
 
 async def coalesce(source: AsyncIterator, interval_s: float) -> AsyncIterator:

@@ -5,10 +5,13 @@ is checked against. Both checkpoint formats load through `raylens.checkpoints.lo
 is converted in memory). We build the token stream ourselves (`raylens.engines.encoding`: our tiling, our
 templates), so the transformers processor (and its torchvision dependency) is never needed.
 
-`generate` runs batches (left-padded, similar lengths together); `stream` runs one request's generate in a
-worker thread whose streamer hands each new token to the event loop. Both share one lock, so concurrent
-callers take turns on the model, and both turn tokens into text through `raylens.engines.text.AnswerText`,
-which is why a stream's deltas add up to what `generate` returns.
+`generate` runs batches (left-padded, similar lengths together). `stream` hands its encoded request to a
+`StreamBatcher` (`raylens.engines.stream_batching`): concurrent streams with the same settings share one
+batched generate in a worker thread, whose streamer fans each step's tokens out to the rows' event loops,
+and whose stopping criteria end a row (its stop token, a stop string its consumer saw, a consumer that went
+away) without ending the others. `generate` and the stream batches share one lock, so they take turns on
+the model. Both turn tokens into text through `raylens.engines.text.AnswerText`, which is why a stream's
+deltas add up to what `generate` returns for the same request alone.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from raylens.engines.base import EngineDeadError, RequestError, SamplingParams, VLDelta, VLRequest, VLResult, format_error
 from raylens.engines.encoding import encode_request, left_padded
+from raylens.engines.stream_batching import StreamBatcher, StreamRow
 from raylens.engines.text import AnswerText, cut_at_stop
 from raylens.images import TilingSpec
 
@@ -38,7 +42,8 @@ class _Encoded:
 
 
 class TransformersEngine:
-    """Batched `generate` and per-request `stream` over our own tiles; one lock so callers take turns."""
+    """Batched `generate`, and `stream`s batched with each other, over our own tiles; one lock so the two
+    take turns. `batch_wait_timeout_s`: how long a stream batch waits to fill (Serve's `@serve.batch` name)."""
 
     def __init__(
         self,
@@ -48,6 +53,7 @@ class TransformersEngine:
         dtype: str | None = None,
         max_batch_size: int = 16,
         model_name: str | None = None,
+        batch_wait_timeout_s: float = 0.01,
     ) -> None:
         import torch
 
@@ -69,6 +75,8 @@ class TransformersEngine:
         self._pad_id = pad if pad is not None else self._stop_ids[0]
         self._max_positions = _max_positions(self.model.config) or self.spec.max_context
         self._lock = threading.Lock()
+        self.generate_calls = 0  # model.generate calls so far: how well concurrent requests were batched
+        self._streams = StreamBatcher(self._stream_batch, max_batch_size=max_batch_size, wait_s=batch_wait_timeout_s)
 
     def tiling(self, max_tiles: int | None = None) -> TilingSpec:
         """The checkpoint's tiling, with the caller's `max_tiles` when given (`ModelSpec.tiling`)."""
@@ -97,24 +105,23 @@ class TransformersEngine:
         return [r for r in results if r is not None]
 
     async def stream(self, request: VLRequest, params: SamplingParams) -> AsyncIterator[VLDelta]:
-        """Deltas of one request as its tokens are generated (see the module docstring)."""
+        """Deltas of one request as its tokens are generated, in a batch with concurrent streams of the same
+        settings (see the module docstring)."""
         self._check_open()
         enc = self._encode(0, request, params)  # RequestError here, before any delta
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        loop.run_in_executor(None, self._stream_worker, enc, params, loop, queue, cancel)
+        row = StreamRow(enc, params, asyncio.get_running_loop())
+        self._streams.submit(row)
         answer = AnswerText(params.stop)
         tokens: list[int] = []
         n_in = len(enc.input_ids)
         try:
             while True:
-                item = await queue.get()
+                item = await row.queue.get()
                 if item is None:  # generation ended: eos or max_new_tokens
                     break
                 if isinstance(item, BaseException):
                     if isinstance(item, EngineDeadError):
-                        raise item
+                        raise EngineDeadError(str(item)) from item  # one exception object per stream
                     yield VLDelta(request.request_id, "", n_in, len(tokens), finish_reason="error",
                                   error=format_error(item))
                     return
@@ -123,7 +130,6 @@ class TransformersEngine:
                     break
                 text = answer.update(self._decode(tokens))
                 if answer.stopped:
-                    cancel.set()
                     break
                 if text:
                     yield VLDelta(request.request_id, text, n_in, len(tokens))
@@ -132,11 +138,15 @@ class TransformersEngine:
             rest = answer.finish(self._decode(kept))
             yield VLDelta(request.request_id, rest, n_in, len(tokens), finish_reason="stop" if stopped else "length")
         finally:
-            cancel.set()  # a consumer that stops listening stops the generation too (the worker never raises)
+            # Finished, stopped by a stop string, or the consumer went away: this row wants no more tokens
+            # (its batch ends it at the next step; the other rows go on), and a row not started never starts.
+            row.done = True
+            self._streams.withdraw(row)
 
     def close(self) -> None:
         with self._lock:
             self.model = None
+        self._streams.close()
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -187,6 +197,7 @@ class TransformersEngine:
 
     def _run_generate(self, kwargs: dict):
         torch = self._torch
+        self.generate_calls += 1
         try:
             with torch.inference_mode():
                 return self.model.generate(**kwargs)
@@ -222,34 +233,44 @@ class TransformersEngine:
             finish_reason="stop" if hit or stop_at is not None else "length",
         )
 
-    def _stream_worker(self, enc: _Encoded, params: SamplingParams, loop, queue: asyncio.Queue,
-                       cancel: threading.Event) -> None:
-        """Runs in a thread: one request's generate, each new token posted to `queue`, then None (or the
-        exception that ended it)."""
-        class _ToLoop(BaseStreamer):
-            prompt_seen = False
-
-            def put(self, value) -> None:
-                if not self.prompt_seen:  # generate() first hands the streamer the prompt
-                    self.prompt_seen = True
-                    return
-                for token in value.reshape(-1).tolist():
-                    loop.call_soon_threadsafe(queue.put_nowait, token)
-
-            def end(self) -> None:
-                pass
-
+    def _stream_batch(self, rows: list[StreamRow]) -> None:
+        """Runs in the stream batcher's thread: one generate for `rows` (equal settings), each step's token
+        posted to its row, then None to every row (or the exception that ended the generate)."""
         outcome: BaseException | None = None
         try:
             with self._lock:
                 self._check_open()
-                if not cancel.is_set():
-                    kwargs, _ = self._generate_kwargs([enc], params, [_Cancelled(cancel)])
-                    kwargs["streamer"] = _ToLoop()
+                live = [row for row in rows if not row.done]
+                if live:
+                    kwargs, _ = self._generate_kwargs([row.payload for row in live], live[0].params, [_RowsDone(live)])
+                    kwargs["streamer"] = _FanOut(live, self._stop_ids)
                     self._run_generate(kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumers
             outcome = exc
-        loop.call_soon_threadsafe(queue.put_nowait, outcome)
+        for row in rows:
+            row.post(outcome)
+
+
+class _FanOut(BaseStreamer):
+    """Hands each generated token of a batch to its row, until the row is done."""
+
+    def __init__(self, rows: list[StreamRow], stop_ids) -> None:
+        self.rows, self.stop_ids = rows, frozenset(stop_ids)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first hands the streamer the prompt
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.reshape(len(self.rows), -1)[:, -1].tolist()):
+            if row.done:  # finished rows get padding; a consumer that stopped listening gets nothing more
+                continue
+            row.post(token)
+            if token in self.stop_ids:
+                row.done = True
+
+    def end(self) -> None:
+        pass
 
 
 class _StopStrings(StoppingCriteria):
@@ -265,16 +286,16 @@ class _StopStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class _Cancelled(StoppingCriteria):
-    """Ends a streamed generation when its consumer saw a stop string or went away."""
+class _RowsDone(StoppingCriteria):
+    """Ends each row of a stream batch whose row is done (a stop string its consumer saw, a consumer gone)."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, rows: list[StreamRow]) -> None:
+        self.rows = rows
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 def _max_positions(config) -> int | None:

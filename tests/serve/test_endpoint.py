@@ -176,14 +176,44 @@ def test_sampling_parameters_are_honoured(client):
     assert full.choices[0].message.content.startswith(stopped.choices[0].message.content)
 
 
+def generate_calls() -> int:
+    """The `main` app's model.generate calls so far (its transformers engine counts them)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("VLModel", app_name="main").engine_stats.remote().result()["generate_calls"]
+
+
+def ask_at_once(client, names: list[str], *, stream: bool, max_tokens: int = 32) -> tuple[list[str], int]:
+    """Each example image's greedy caption, all requested at the same moment: the answers, and how many
+    generate calls the engine made for them."""
+    barrier = threading.Barrier(len(names))
+
+    def one(name: str) -> str:
+        barrier.wait()
+        answer = client.chat.completions.create(model=MODEL, messages=[image_message(example(name))], temperature=0,
+                                                max_tokens=max_tokens, stream=stream)
+        if not stream:
+            return answer.choices[0].message.content
+        return "".join(chunk.choices[0].delta.content or "" for chunk in answer if chunk.choices)
+
+    before = generate_calls()
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(one, names))
+    return answers, generate_calls() - before
+
+
 def test_concurrent_requests_are_batched_and_answered_alike(client):
+    """Streamed or not, concurrent requests share generate calls (fewer calls than requests) and each gets the
+    answer it gets alone."""
     names = ["red_triangle_on_yellow.png", "black_circle_on_white.png", "green_star_on_white.png", "black_square_on_pink.png"]
+    before = generate_calls()
     one_by_one = [client.chat.completions.create(model=MODEL, messages=[image_message(example(n))], temperature=0,
                                                  max_tokens=32).choices[0].message.content for n in names]
-    with ThreadPoolExecutor(len(names)) as pool:
-        together = list(pool.map(lambda n: client.chat.completions.create(
-            model=MODEL, messages=[image_message(example(n))], temperature=0, max_tokens=32).choices[0].message.content, names))
-    assert together == one_by_one
+    assert generate_calls() - before == len(names)  # the counter counts what it claims to
+    for stream in (False, True):
+        together, calls = ask_at_once(client, names, stream=stream)
+        assert together == one_by_one, stream
+        assert 1 <= calls < len(names), (stream, calls)
 
 
 def test_models_and_health(endpoint, client):
@@ -210,6 +240,10 @@ def test_same_answer_as_the_batch_job(client, ray_local, tmp_path):
         answer = client.chat.completions.create(model=MODEL, messages=[image_message(example(name))], temperature=0,
                                                 max_tokens=48)
         assert answer.choices[0].message.content == written[name]
+    # What the web page and chat clients send, several at once: streamed, from shared batches, the same captions.
+    streamed, calls = ask_at_once(client, names, stream=True, max_tokens=48)
+    assert streamed == [written[name] for name in names]
+    assert 1 <= calls < len(names)
 
 
 # ------------------------------------------------------------------------------------------ auth
