@@ -1,0 +1,128 @@
+"""What a fine-tuning run writes: a self-describing run directory, and checkpoints inside it.
+
+Layout of `--output` (local or s3://; Ray Train writes the checkpoint directories there):
+
+    run.json                    the run's description (below), written before training starts
+    checkpoint_000200/          one per --save-every steps, the last --keep kept (Ray Train's CheckpointConfig)
+        trainable.safetensors   the trainable tensors (LoRA A/B, projector, or every weight), float32
+        optimizer.pt            AdamW state, to resume
+        state.json              step, positions consumed, last metrics, skipped records
+        metrics.jsonl           the metrics of every step so far
+        run.json                the same description: a checkpoint copied elsewhere still says what it is
+    _summary.json               written when the run ends: steps, final metrics, skipped records
+    (Ray Train's own bookkeeping files)
+
+`run.json` names the base model (as given, its resolved path and a sha256 fingerprint of its config and
+weights), the chat template and system message, the tiling, the LoRA settings, the whole training config,
+the data files and their fingerprint, and the raylens version: `jobs.merge` needs nothing else, and
+refuses a base model whose fingerprint differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+RUN_FILE = "run.json"
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+HISTORY_FILE = "metrics.jsonl"
+SUMMARY_FILE = "_summary.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")
+_CHUNK = 8 * 1024 * 1024
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    match = _CHECKPOINT_NAME.match(posixpath.basename(name.rstrip("/")))
+    return int(match.group(1)) if match else None
+
+
+def raylens_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raylens")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over the checkpoint's config.json and weight files (names and bytes, sorted by name)."""
+    root = Path(model_dir)
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.iterdir() if p.is_file() and (
+        p.name == "config.json" or p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")))
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise FileNotFoundError(f"{root} has no .safetensors weights to fingerprint")
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands at a checkpoint (state.json)."""
+
+    step: int  # optimizer steps done
+    positions: int  # data positions consumed (raylens.training.loader)
+    metrics: dict[str, Any]
+    skipped: dict[str, list[str]]  # kind -> record ids replaced during training so far (all ranks)
+
+    def to_json(self) -> str:
+        return json.dumps({"step": self.step, "positions": self.positions, "metrics": self.metrics,
+                           "skipped": self.skipped}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainingState":
+        d = json.loads(text)
+        return cls(step=int(d["step"]), positions=int(d["positions"]), metrics=d.get("metrics", {}),
+                   skipped={k: list(v) for k, v in d.get("skipped", {}).items()})
+
+
+def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
+    """Write JSON to `path` on `fs` (through a temporary name on local disks, so readers never see half)."""
+    data = (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = path + ".tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
+    """The JSON at `path`, or None when there is no such file."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def list_checkpoints(fs: pafs.FileSystem, run_root: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints in a run directory, oldest first."""
+    infos = fs.get_file_info(pafs.FileSelector(run_root, allow_not_found=True))
+    found = []
+    for info in infos:
+        step = checkpoint_step(info.path)
+        if info.type == pafs.FileType.Directory and step is not None:
+            if fs.get_file_info(posixpath.join(info.path, STATE_FILE)).type == pafs.FileType.File:
+                found.append((step, info.path))
+    return sorted(found)
