@@ -109,6 +109,7 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
     max_length = min(config.max_length, spec.max_position_embeddings or config.max_length)
     trainable = config.trainable()
+    out_fs, out_root = resolve_filesystem(config.output, s3)
     description = {
         "raylens_version": raylens_version(),
         "base_model": {
@@ -130,10 +131,10 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
         adam_betas=(0.9, config.adam_beta2), clip=config.clip, dtype=config.dtype, strategy=config.strategy,
         gradient_checkpointing=config.gradient_checkpointing, max_length=max_length, max_tiles=config.max_tiles,
         seed=config.seed, shuffle=config.shuffle, loader_workers=config.loader_workers, threads=config.threads,
-        save_every=config.save_every, log_every=config.log_every, s3=s3, run_description=description,
-        step_hook=step_hook,
+        save_every=config.save_every, keep=config.keep, log_every=config.log_every,
+        report_every=config.report_every, s3=s3, run_description=description, step_hook=step_hook,
+        output_fs=out_fs, output_root=out_root,
     )
-    out_fs, out_root = resolve_filesystem(config.output, s3)
     try:
         _prepare_output(config, out_fs, out_root, description)
     except OSError as exc:
@@ -195,7 +196,7 @@ def _start_ray() -> None:
         return
     os.environ["RAY_ADDRESS"] = "local"
     try:
-        ray.init(address="local", logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     finally:
         del os.environ["RAY_ADDRESS"]
 
@@ -203,7 +204,7 @@ def _start_ray() -> None:
 def build_trainer(plan: FinetunePlan):
     """The TorchTrainer of a plan (GPU workers when the cluster has GPUs and --gpus-per-worker > 0)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raylens.training.loop import train_worker
@@ -218,7 +219,6 @@ def build_trainer(plan: FinetunePlan):
         storage_path=parent,
         storage_filesystem=plan.out_fs,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep),
         # Our progress lines are plain prints (Ray Train's print patch would print each twice) and its own
         # per-report INFO lines would drown them.
         worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},

@@ -15,7 +15,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # many workers and with how many loader processes. Everything else defines the run and must match.
 RESUMABLE_CHANGES = frozenset({
     "max_steps", "epochs", "save_every", "keep", "max_failures", "workers", "gpus_per_worker", "cpus_per_worker",
-    "loader_workers", "log_every", "threads", "s3_endpoint", "overwrite", "output",
+    "loader_workers", "log_every", "report_every", "threads", "s3_endpoint", "overwrite", "output",
 })
 
 
@@ -69,7 +69,8 @@ class FinetuneConfig:
     save_every: int = _f(200, "save a checkpoint every this many steps (and at the end)")
     keep: int = _f(2, "keep the last this many checkpoints")
     max_failures: int = _f(3, "times a run recovers from a failed worker (restarted from the last checkpoint); -1: always")
-    log_every: int = _f(1, "print a progress line every this many steps (metrics are reported every step)")
+    log_every: int = _f(1, "print a progress line every this many steps (every step's metrics go to metrics.jsonl)")
+    report_every: int = _f(10, "ray.train.report the metrics every this many steps and with every checkpoint (Ray Train takes one report per 2 s)")
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL; default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL")
 
     def __post_init__(self) -> None:
@@ -104,6 +105,7 @@ class FinetuneConfig:
             (self.keep >= 1, f"--keep must be >= 1, got {self.keep}"),
             (self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (self.report_every >= 1, f"--report-every must be >= 1, got {self.report_every}"),
             (self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}"),
             (self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}"),
         ]

@@ -85,8 +85,9 @@ def resolve_base(description: dict, model: str | None, s3: S3Settings, *, check_
 
 
 def merge_checkpoint(checkpoint_dir: str | os.PathLike, base_dir: str, out_dir: str | os.PathLike, *,
-                     dtype: str | None = None) -> Path:
-    """Merge a local checkpoint directory into `base_dir`'s weights and write the original format to `out_dir`."""
+                     dtype: str | None = None, write_info: bool = True) -> Path:
+    """Merge a local checkpoint directory into `base_dir`'s weights and write the original format to `out_dir`
+    (with `raylens_finetune.json` saying where it came from, unless `write_info` is False)."""
     import torch
     from safetensors.torch import load_file
 
@@ -107,10 +108,11 @@ def merge_checkpoint(checkpoint_dir: str | os.PathLike, base_dir: str, out_dir: 
                   llm_architecture=_llm_architecture(spec), dtype=save_dtype)
     _copy_tokenizer_files(Path(base_dir), out)
     _carry_config(Path(base_dir), out)
-    info = {"base_model": description["base_model"], "checkpoint_step": state.step,
-            "trainable": description["trainable"], "tiling": description["tiling"],
-            "raylens_version": description.get("raylens_version"), "dtype": save_dtype}
-    (out / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    if write_info:
+        info = {"base_model": description["base_model"], "checkpoint_step": state.step,
+                "trainable": description["trainable"], "tiling": description["tiling"],
+                "raylens_version": description.get("raylens_version"), "dtype": save_dtype}
+        (out / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return out
 
 

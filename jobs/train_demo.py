@@ -10,15 +10,17 @@ What it does, in order:
    (`raylens.checkpoints.tiny.build_hf_model`, Qwen2-style LLM, 112-px tiles, 16 image tokens a tile),
    with the ViT's patch position embeddings started from 2-D sin-cos codes;
 2. stage 1 (`--vision-steps`): trains the vision tower alone to name the shape, through a temporary linear
-   head that is then dropped (see `warm_up_vision` for why);
-3. stage 2 (`--steps`): trains the whole model on captions with a plain PyTorch loop (AdamW, warm-up +
-   cosine) on freshly drawn `"train"`-split shapes. Every example is built exactly as inference builds it:
-   `raylens.images` tiling with the tiling numbers saved in the checkpoint,
-   `build_prompt(Hermes-2, DEFAULT_CAPTION_PROMPT)`, `<image>` expanded to `num_tiles * 16` image tokens,
-   tokenized with `add_special_tokens=False`. The loss covers only the caption and the closing `<|im_end|>`;
-4. saves it in the original InternVL2 hub format (`save_original`), reloads it through the path users get
-   (`raylens.checkpoints.loading.load_hf_model`) and reports greedy exact-match accuracy on freshly
-   generated `"held_out"` images, a split training never draws from; writes TRAINING.md beside the weights.
+   head that is then dropped (see `warm_up_vision` for why): an initialisation, with an objective of its own;
+3. stage 2 (`--steps`): full fine-tuning of the whole model on captions through `jobs.finetune`, the same
+   Ray Train loop LoRA fine-tunes use (one CPU worker with `--threads` threads), on an endless stream of
+   freshly drawn `"train"`-split shapes (`ShapesCaptionStream`): AdamW, warm-up + cosine to 5%. Every example
+   is built by the fine-tuning data path, which is inference's: `raylens.images` tiling with the checkpoint's
+   tiling numbers, the checkpoint's template and system message around `DEFAULT_CAPTION_PROMPT`, `<image>`
+   expanded to `num_tiles * 16` image tokens; the loss covers only the caption and the closing `<|im_end|>`;
+4. `jobs.merge` writes the final checkpoint in the original InternVL2 hub format (`--save-dtype`), which is
+   reloaded through the path users get (`raylens.checkpoints.loading.load_hf_model`) to report greedy
+   exact-match accuracy on freshly generated `"held_out"` images, a split training never draws from;
+   TRAINING.md is written beside the weights.
 
 Reproducible: all randomness comes from `--seed` (the weights through `build_hf_model`'s own generator,
 the data through `raylens.demo.shapes` streams; there is no dropout); on the same torch build and thread
@@ -30,6 +32,7 @@ import argparse
 import json
 import math
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +51,8 @@ from raylens.prompts import (
 )
 
 TEMPLATE = "Hermes-2"
-IGNORE_INDEX = -100
+ADAM_BETA2 = 0.98
+MIN_LR_RATIO = 0.05  # the cosine ends at 5% of the peak
 
 
 @dataclass(frozen=True)
@@ -168,59 +172,6 @@ def prompt_ids(tokenizer, num_tiles: int, image_tokens_per_tile: int) -> list[in
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-class ExampleEncoder:
-    """(image, caption) -> (pixel_values, input_ids, labels); token ids are cached per (tiles, caption)."""
-
-    def __init__(self, tokenizer, spec, image_tokens_per_tile: int):
-        self.tokenizer = tokenizer
-        self.spec = spec
-        self.image_tokens_per_tile = image_tokens_per_tile
-        self.template = get_template(TEMPLATE)
-        self._cache: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
-
-    def pixels(self, image) -> tuple[torch.Tensor, int]:
-        from raylens.images import pixel_values_for, prepare_image
-
-        prepared = prepare_image(image, self.spec)
-        pixel_values = torch.as_tensor(np.asarray(pixel_values_for(prepared, self.spec)), dtype=torch.float32)
-        return pixel_values, pixel_values.shape[0]
-
-    def text(self, num_tiles: int, caption: str) -> tuple[list[int], list[int]]:
-        key = (num_tiles, caption)
-        if key not in self._cache:
-            prefix = prompt_ids(self.tokenizer, num_tiles, self.image_tokens_per_tile)
-            answer = self.tokenizer(caption + self.template.sep, add_special_tokens=False)["input_ids"]
-            # The whole training string (build_prompt with answer=) must tokenize to prompt + answer, or
-            # the model would learn token boundaries inference never shows it.
-            full = build_prompt(self.template, DEFAULT_CAPTION_PROMPT, answer=caption)
-            full = expand_image_placeholders(full, [num_tiles * self.image_tokens_per_tile])
-            full_ids = self.tokenizer(full, add_special_tokens=False)["input_ids"]
-            if full_ids != prefix + answer:
-                raise AssertionError(f"prompt/answer token boundary differs from the full string for {caption!r}")
-            self._cache[key] = (prefix + answer, [IGNORE_INDEX] * len(prefix) + answer)
-        return self._cache[key]
-
-    def batch(self, samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
-        """Right-padded training batch; tiles concatenated in row order (as the model scatters them)."""
-        tiles, rows = [], []
-        for image, caption, *_ in samples:
-            pixel_values, n = self.pixels(image)
-            tiles.append(pixel_values)
-            rows.append(self.text(n, caption))
-        width = max(len(ids) for ids, _ in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (ids, lab) in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            labels[r, : len(lab)] = torch.tensor(lab)
-            attention_mask[r, : len(ids)] = 1
-        return dict(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=torch.cat(tiles)
-        )
-
-
 # --- greedy captioning (the check) -----------------------------------------------------------------
 
 
@@ -272,29 +223,24 @@ def held_out_accuracy(model, tokenizer, spec, image_tokens_per_tile: int, n: int
 # --- training --------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 def _adamw(named_parameters, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, layer scales, embeddings)."""
-    named = list(named_parameters)
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
-    return torch.optim.AdamW(
-        [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
+    """Stage 1's optimiser: fine-tuning's AdamW (decay on matrices only) with the demo's beta2."""
+    from raylens.training.optim import adamw
+
+    return adamw(named_parameters, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, ADAM_BETA2))
+
+
+def _lr_at(step: int, steps: int, args: argparse.Namespace) -> float:
+    from raylens.training.optim import lr_at
+
+    return lr_at(step, steps, args.lr, args.warmup, MIN_LR_RATIO)
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, lr: float, clip: float) -> None:
-    """One update, the same in both stages: set the scheduled lr, backward, clip, step."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    """One stage-1 update, as the fine-tuning loop does it: set the scheduled lr, backward, clip, step."""
+    from raylens.training.optim import set_lr
+
+    set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(parameters, clip)
@@ -347,7 +293,7 @@ def warm_up_vision(model, args: argparse.Namespace, dims: DemoDims) -> float:
         target = torch.tensor([labels[attrs.shape] for _, _, attrs in samples])
         features = vision(pixel_values=pixel_values).last_hidden_state[:, 1:].mean(dim=1)  # patches, not CLS
         loss = torch.nn.functional.cross_entropy(head(features), target)
-        _optimizer_step(optimizer, loss, vision.parameters(), lr_at(step, args.vision_steps, args.lr, args.warmup), args.clip)
+        _optimizer_step(optimizer, loss, vision.parameters(), _lr_at(step, args.vision_steps, args), args.clip)
         losses.append(loss.item())
         if (step + 1) % args.log_every == 0 or step + 1 == args.vision_steps:
             recent = losses[-args.log_every :]
@@ -362,35 +308,89 @@ def warm_up_vision(model, args: argparse.Namespace, dims: DemoDims) -> float:
     return sum(recent) / len(recent) if recent else float("nan")
 
 
-def train_captioning(model, tokenizer, args: argparse.Namespace, dims: DemoDims) -> float:
-    """Stage 2: the whole model on captions (loss on the answer only); returns the last window's mean loss."""
-    spec = tiling_spec(dims)
-    encoder = ExampleEncoder(tokenizer, spec, dims.image_tokens_per_tile)
-    stream = shapes.iter_samples(args.seed, "train")
-    optimizer = _adamw(model.named_parameters(), args)
-    clock, losses = _Clock(), []
-    model.train()
-    for step in range(args.steps):
-        batch = encoder.batch([next(stream) for _ in range(args.batch_size)])
-        loss = model(**batch).loss
-        _optimizer_step(optimizer, loss, model.parameters(), lr_at(step, args.steps, args.lr, args.warmup), args.clip)
-        losses.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            recent = losses[-args.log_every :]
-            print(f"caption step {step + 1:5d}/{args.steps}  loss {sum(recent) / len(recent):.4f}  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {clock}", flush=True)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            model.eval()
-            accuracy, _ = held_out_accuracy(model, tokenizer, spec, dims.image_tokens_per_tile, 100, args.eval_seed)
-            model.train()
-            print(f"caption step {step + 1:5d}  held-out accuracy {accuracy:.2f} (100 images, fp32, not saved)",
-                  flush=True)
-    model.eval()
-    recent = losses[-args.log_every :]
-    return sum(recent) / len(recent)
+@dataclass
+class ShapesCaptionStream:
+    """Stage 2's data: the endless `"train"` split of `raylens.demo.shapes`, each image asked for its caption.
+
+    A `raylens.training.loader.SampleSource`: position k is the k-th sample of the stream (no epochs, no
+    shuffling), so a run is fixed by its seed. Reading is sequential; a loader process that skips ahead
+    draws (but does not draw pixels for) the samples in between.
+    """
+
+    seed: int
+    num_records = None  # endless
+
+    def __post_init__(self) -> None:
+        self._rng, self._next = None, 0
+
+    def __getstate__(self) -> dict:
+        return {"seed": self.seed}  # a fresh stream in every process
+
+    def __setstate__(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self.__post_init__()
+
+    def record_id(self, index: int) -> str:
+        return f"shapes/train/{self.seed}/{index}"
+
+    def attributes(self, index: int) -> shapes.ShapeAttributes:
+        if self._rng is None or index < self._next:
+            self._rng, self._next = shapes.split_rng(self.seed, "train"), 0
+        while self._next < index:
+            shapes.sample_attributes(self._rng)
+            self._next += 1
+        self._next += 1
+        return shapes.sample_attributes(self._rng)
+
+    def encode(self, index: int, encoder):
+        from raylens.images import prepare_image
+        from raylens.training.contract import Conversation, Turn
+        from raylens.training.records import TrainingRecord
+
+        attrs = self.attributes(index)
+        record = TrainingRecord(self.record_id(index), Conversation((Turn(DEFAULT_CAPTION_PROMPT, 1, attrs.caption()),)))
+        image = prepare_image(shapes.render(attrs), encoder.tiling())
+        return encoder.encode(record, images=[image])
 
 
-def train(args: argparse.Namespace, dims: DemoDims) -> dict:
+@dataclass
+class HeldOutCheck:
+    """Stage 2's step hook: caption 100 held-out images every `every` steps (before the last) and print the score."""
+
+    every: int
+    total: int
+    seed: int
+
+    def __call__(self, step: int, model, tokenizer, spec) -> None:
+        if not self.every or step % self.every or step >= self.total:
+            return
+        model.eval()
+        tiling = spec.tiling()
+        accuracy, _ = held_out_accuracy(model, tokenizer, tiling, spec.image_tokens_per_tile, 100, self.seed)
+        model.train()
+        print(f"caption step {step:5d}  held-out accuracy {accuracy:.2f} (100 images, fp32, not saved)", flush=True)
+
+
+def finetune_config(args: argparse.Namespace, init_dir: Path, run_dir: Path):
+    """Stage 2 as a jobs.finetune run: full fine-tuning of the stage-1 model on one CPU worker."""
+    from jobs.finetune_config import FinetuneConfig
+
+    return FinetuneConfig(
+        data="raylens.demo.shapes (train split, endless)", output=str(run_dir), model=str(init_dir), full=True,
+        workers=1, gpus_per_worker=0, cpus_per_worker=args.threads, threads=args.threads,
+        loader_workers=args.loader_workers, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup, min_lr_ratio=MIN_LR_RATIO, weight_decay=args.weight_decay,
+        adam_beta2=ADAM_BETA2, clip=args.clip, dtype="float32", seed=args.seed, save_every=args.steps, keep=1,
+        log_every=args.log_every, report_every=args.log_every, overwrite=True,
+    )
+
+
+def train(args: argparse.Namespace, dims: DemoDims, work_dir: Path) -> dict:
+    """Both stages; returns the run's figures and the path of the final checkpoint."""
+    from jobs.finetune import main as finetune_main
+    from jobs.finetune import setup as finetune_setup
+    from raylens.training.checkpoint import HISTORY_FILE, latest_checkpoint
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tokenizer = build_demo_model(dims, args.seed)
@@ -398,16 +398,27 @@ def train(args: argparse.Namespace, dims: DemoDims) -> dict:
     print(f"parameters: {n_params:,}  vocab: {len(tokenizer)}  dims: {asdict(dims)}", flush=True)
     clock = _Clock()
     vision_loss = warm_up_vision(model, args, dims) if args.vision_steps else float("nan")
-    final_loss = train_captioning(model, tokenizer, args, dims)
-    return dict(model=model, tokenizer=tokenizer, n_params=n_params, vision_loss=vision_loss, final_loss=final_loss,
-                train_s=time.perf_counter() - clock.wall, train_cpu_s=time.process_time() - clock.cpu)
+    init_dir = save(model, tokenizer, work_dir / "init", dims, torch.float32)  # exact: float32, as trained
+    stage1_wall, stage1_cpu = time.perf_counter() - clock.wall, time.process_time() - clock.cpu
+    plan = finetune_setup(finetune_config(args, init_dir, work_dir / "run"), source=ShapesCaptionStream(args.seed),
+                          step_hook=HeldOutCheck(args.eval_every, args.steps, args.eval_seed))
+    summary = finetune_main(plan)
+    if summary["error"] or not summary["completed"]:
+        raise SystemExit(f"stage 2 failed: {summary['error']}")
+    checkpoint = Path(latest_checkpoint(plan.out_fs, plan.out_root))
+    history = [json.loads(line) for line in (checkpoint / HISTORY_FILE).open()]
+    recent = [m["loss"] for m in history[-args.log_every:]]
+    return dict(model=model, tokenizer=tokenizer, n_params=n_params, vision_loss=vision_loss,
+                final_loss=sum(recent) / len(recent), checkpoint=checkpoint, init_dir=init_dir, history=history,
+                train_s=stage1_wall + history[-1]["elapsed_s"],
+                train_cpu_s=stage1_cpu + history[-1]["worker_cpu_s"])
 
 
-def save(model, tokenizer, out: Path, dims: DemoDims, dtype: torch.dtype) -> None:
+def save(model, tokenizer, out: Path, dims: DemoDims, dtype: torch.dtype) -> Path:
     from raylens.checkpoints.tiny import save_original
 
-    save_original(model, tokenizer, out, template=TEMPLATE, max_tiles=dims.max_tiles,
-                  llm_architecture="Qwen2ForCausalLM", dtype=dtype)
+    return save_original(model, tokenizer, out, template=TEMPLATE, max_tiles=dims.max_tiles,
+                         llm_architecture="Qwen2ForCausalLM", dtype=dtype)
 
 
 def dir_size(path: Path) -> int:
@@ -428,7 +439,7 @@ Command (from the repository root, {args.threads} CPU threads, torch {torch.__ve
 | | |
 |---|---|
 | stage 1: vision tower alone, names the shape | {args.vision_steps} steps x {args.vision_batch_size} `warmup`-split images, final shape loss {result['vision_loss']:.4f} (temporary linear head, not saved) |
-| stage 2: whole model, captions | {args.steps} steps x {args.batch_size} `train`-split images (`raylens.demo.shapes`, seed {args.seed}) |
+| stage 2: whole model, captions | {args.steps} steps x {args.batch_size} `train`-split images (`raylens.demo.shapes`, seed {args.seed}), full fine-tuning through `jobs.finetune` (Ray Train, one CPU worker) |
 | optimiser (both stages) | AdamW lr {args.lr} (warm-up {args.warmup}, cosine to 5%), weight decay {args.weight_decay}, clip {args.clip} |
 | training time | {result['train_s'] / 60:.1f} min wall, {result['train_cpu_s'] / 60:.1f} CPU-minutes (wall time grows when other processes share the cores) |
 | final caption loss (mean of the last {args.log_every} steps) | {result['final_loss']:.4f} |
@@ -479,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
     run.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     run.add_argument("--threads", type=int, default=2, help="torch CPU threads (timings in TRAINING.md use 2)")
+    run.add_argument("--loader-workers", type=int, default=1,
+                     help="stage 2 data loader processes (draw and tile images ahead of the step)")
+    run.add_argument("--run-dir", default=None,
+                     help="keep stage 2's jobs.finetune run (checkpoints, metrics.jsonl) here (default: a temporary directory)")
     run.add_argument("--log-every", type=int, default=100, help="print the mean loss every this many steps")
     run.add_argument("--eval-every", type=int, default=0,
                      help="also caption 100 held-out images every this many steps (0: only at the end)")
@@ -496,9 +511,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     random.seed(args.seed)  # nothing here should use the global RNGs; this only pins anything that does
     np.random.seed(args.seed)
 
-    result = train(args, dims)
     out = Path(args.out)
-    save(result["model"], result["tokenizer"], out, dims, getattr(torch, args.save_dtype))
+    with tempfile.TemporaryDirectory(prefix="raylens-train-demo-") as tmp:
+        work_dir = Path(tmp)
+        if args.run_dir:
+            work_dir = Path(args.run_dir)
+            work_dir.mkdir(parents=True, exist_ok=True)
+        result = train(args, dims, work_dir)
+        from jobs.merge import merge_checkpoint
+
+        merge_checkpoint(result["checkpoint"], str(result["init_dir"]), out, dtype=args.save_dtype, write_info=False)
 
     from raylens.checkpoints.loading import load_hf_model
 

@@ -6,7 +6,8 @@ Layout of `--output` (local or s3://; Ray Train writes the checkpoint directorie
     checkpoint_000200/          one per --save-every steps, the last --keep kept (Ray Train's CheckpointConfig)
         trainable.safetensors   the trainable tensors (LoRA A/B, projector, or every weight), float32
         optimizer.pt            AdamW state, to resume
-        state.json              step, positions consumed, last metrics, skipped records
+        state.json              step, positions consumed, the step each attempt started from, last metrics,
+                                skipped records
         metrics.jsonl           the metrics of every step so far
         run.json                the same description: a checkpoint copied elsewhere still says what it is
     _summary.json               written when the run ends: steps, final metrics, skipped records
@@ -24,7 +25,7 @@ import json
 import os
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,16 +84,19 @@ class TrainingState:
     positions: int  # data positions consumed (raylens.training.loader)
     metrics: dict[str, Any]
     skipped: dict[str, list[str]]  # kind -> record ids replaced during training so far (all ranks)
+    starts: list[int] = field(default_factory=lambda: [0])  # the step each attempt started from (resumes)
+    files: dict[str, int] = field(default_factory=dict)  # the checkpoint's other files and their sizes
 
     def to_json(self) -> str:
-        return json.dumps({"step": self.step, "positions": self.positions, "metrics": self.metrics,
-                           "skipped": self.skipped}, indent=2)
+        return json.dumps({"step": self.step, "positions": self.positions, "starts": self.starts,
+                           "metrics": self.metrics, "skipped": self.skipped, "files": self.files}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainingState":
         d = json.loads(text)
         return cls(step=int(d["step"]), positions=int(d["positions"]), metrics=d.get("metrics", {}),
-                   skipped={k: list(v) for k, v in d.get("skipped", {}).items()})
+                   skipped={k: list(v) for k, v in d.get("skipped", {}).items()},
+                   starts=[int(x) for x in d.get("starts", [0])], files=dict(d.get("files", {})))
 
 
 def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
@@ -117,12 +121,68 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
 
 
 def list_checkpoints(fs: pafs.FileSystem, run_root: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete checkpoints in a run directory, oldest first."""
+    """(step, path) of the complete checkpoints in a run directory, oldest first (see `is_complete`)."""
     infos = fs.get_file_info(pafs.FileSelector(run_root, allow_not_found=True))
     found = []
     for info in infos:
         step = checkpoint_step(info.path)
-        if info.type == pafs.FileType.Directory and step is not None:
-            if fs.get_file_info(posixpath.join(info.path, STATE_FILE)).type == pafs.FileType.File:
-                found.append((step, info.path))
+        if info.type == pafs.FileType.Directory and step is not None and is_complete(fs, info.path):
+            found.append((step, info.path))
     return sorted(found)
+
+
+def is_complete(fs: pafs.FileSystem, path: str) -> bool:
+    """A checkpoint whose state.json parses and lists files that all exist at their recorded sizes.
+
+    Why: a checkpoint's files are uploaded one by one, and a run killed meanwhile leaves a partial directory;
+    resuming (and merging) must only ever read whole ones.
+    """
+    try:
+        state = read_json(fs, posixpath.join(path, STATE_FILE))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict):
+        return False
+    files = state.get("files", {WEIGHTS_FILE: None})
+    for name, size in files.items():
+        info = fs.get_file_info(posixpath.join(path, name))
+        if info.type != pafs.FileType.File or (size is not None and info.size != size):
+            return False
+    return True
+
+
+def prune_checkpoints(fs: pafs.FileSystem, run_root: str, keep: int) -> list[str]:
+    """Delete every checkpoint directory older than the newest `keep` complete ones (partial ones too);
+    returns the deleted paths.
+
+    Why here and not Ray Train's CheckpointConfig(num_to_keep): Ray only deletes checkpoints its controller
+    registered, and a checkpoint written just before a worker or the driver died never is, so a run that
+    was resumed kept them all (seen in the kill test)."""
+    complete = list_checkpoints(fs, run_root)
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep][0]
+    deleted = []
+    for info in fs.get_file_info(pafs.FileSelector(run_root, allow_not_found=True)):
+        step = checkpoint_step(info.path)
+        if info.type == pafs.FileType.Directory and step is not None and step < oldest_kept:
+            fs.delete_dir(info.path)
+            deleted.append(info.path)
+    return deleted
+
+
+def latest_checkpoint(fs: pafs.FileSystem, run_root: str) -> str | None:
+    """The path of the run's latest complete checkpoint, or None."""
+    found = list_checkpoints(fs, run_root)
+    return found[-1][1] if found else None
+
+
+def download(fs: pafs.FileSystem, path: str, into: str) -> str:
+    """Copy a checkpoint directory's files to the local directory `into` (a no-op copy for local disks)."""
+    import shutil
+
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as src, open(os.path.join(into, info.base_name), "wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+    return into

@@ -11,10 +11,14 @@ reductions when the weights' dtype is bf16). A single worker trains without a wr
 `dtype` bfloat16, DDP keeps the frozen weights in bf16 and the trainable ones in float32 under autocast.
 
 Fault tolerance: every `save_every` steps (and at the end) rank 0 writes a checkpoint
-(`raylens.training.checkpoint`) and every rank calls `ray.train.report` with it; a restarted worker group
-(a worker died: Ray Train's FailureConfig) or a rerun of the same command starts from
-`ray.train.get_checkpoint()`: trainable weights, optimizer state, the step and the data positions consumed.
-Every step reports loss, lr, grad norm, samples/s and tokens/s; rank 0 prints a progress line.
+(`raylens.training.checkpoint`) and every rank calls `ray.train.report` with it. A restarted worker group
+(a worker died: Ray Train's FailureConfig) or a rerun of the same command starts from the run directory's
+latest *complete* checkpoint: trainable weights, optimizer state, the step and the data positions consumed.
+Not from `ray.train.get_checkpoint()`: Ray Train registers a reported checkpoint only when its controller
+next polls the workers (every 2 s), so a worker that dies just after a checkpoint was written would restart
+the run from the one before, or from step 0 (seen in the kill test).
+Every step's loss, lr, grad norm, samples/s and tokens/s go into the run's metrics.jsonl (in every
+checkpoint) and rank 0's progress line; `ray.train.report` carries them every `report_every` steps.
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ from raylens.training.checkpoint import (
     WEIGHTS_FILE,
     TrainingState,
     checkpoint_name,
+    download,
+    latest_checkpoint,
+    prune_checkpoints,
 )
 from raylens.training.loader import Order, RankBatches, SampleSource, make_loader
 from raylens.training.lora import TrainableSpec, load_trainable_state, make_trainable, trainable_names, trainable_state
@@ -68,12 +75,21 @@ class LoopSettings:
     loader_workers: int = 2
     threads: int | None = None
     save_every: int = 200
+    keep: int = 2  # checkpoints kept in the run directory (the newest)
     log_every: int = 1
+    # ray.train.report every this many steps (and with every checkpoint). Not every step: Ray Train 2.60's
+    # controller takes one report per worker every 2 s (its health-check poll; a one-slot queue), so a
+    # report per step caps training at 0.5 steps/s (measured). Every step's metrics are still printed and
+    # kept in the run's metrics.jsonl.
+    report_every: int = 10
     s3: S3Settings | None = None
     allowed_domains: frozenset[str] | None = None
     run_description: dict[str, Any] = field(default_factory=dict)
     # Called on rank 0 after each step as hook(step, model, tokenizer, spec); the model is the unwrapped one.
     step_hook: Callable | None = None
+    # The run directory (--output): where checkpoints are and where a restarted worker group resumes from.
+    output_fs: object = None  # pyarrow FileSystem
+    output_root: str = ""
 
 
 def resolve_dtype(name: str, device_type: str):
@@ -152,8 +168,7 @@ def train_worker(loop_config: dict) -> None:
     from raylens.training.samples import SampleEncoder
 
     s: LoopSettings = loop_config["settings"]
-    # Ray Train logs every report at INFO ("Reporting training result ..."): our progress line says it better.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_report_log()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     distributed = world > 1 and dist.is_initialized()
@@ -177,12 +192,12 @@ def train_worker(loop_config: dict) -> None:
     model.train()
 
     state = None
-    checkpoint = ray.train.get_checkpoint()
     optimizer_state = None
-    if checkpoint is not None:
+    restore_from = latest_checkpoint(s.output_fs, s.output_root) if s.output_fs is not None else None
+    if restore_from is not None:
         from safetensors.torch import load_file
 
-        with checkpoint.as_directory() as directory:
+        with _local_copy(s.output_fs, restore_from) as directory:
             state = TrainingState.from_json(open(os.path.join(directory, STATE_FILE)).read())
             load_trainable_state(model, load_file(os.path.join(directory, WEIGHTS_FILE)))
             optimizer_state = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location="cpu",
@@ -194,6 +209,7 @@ def train_worker(loop_config: dict) -> None:
     start_step = state.step if state else 0
     positions = state.positions if state else 0
     skipped: dict[str, set[str]] = {k: set(v) for k, v in (state.skipped if state else {}).items()}
+    starts = [*state.starts, start_step] if state else [0]  # how this run got here: each (re)start's step
     if start_step >= s.total_steps:
         if rank == 0:
             print(f"nothing to do: the run is at step {start_step} of {s.total_steps}", flush=True)
@@ -239,12 +255,12 @@ def train_worker(loop_config: dict) -> None:
 
     # -- steps ------------------------------------------------------------------------------------------
     throughput = _Throughput()
-    run_start = time.perf_counter()
+    run_start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(start_step, s.total_steps):
         lr = lr_at(step, s.total_steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, samples, tokens = 0.0, 0, 0
+        loss_sum, samples, tokens = torch.zeros((), device=device), 0, 0
         for micro in range(s.grad_accum):
             batch = next(stream)
             for record_id, kind in batch["skipped"]:
@@ -260,7 +276,7 @@ def train_worker(loop_config: dict) -> None:
                 if s.grad_accum > 1:
                     loss = loss / s.grad_accum
                 loss.backward()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().float()  # summed on the device: one host sync a step, below
             samples += batch["num_samples"]
             tokens += batch["num_tokens"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip)
@@ -269,9 +285,11 @@ def train_worker(loop_config: dict) -> None:
         optimizer.step()
         positions += per_step
 
-        totals = torch.tensor([loss_sum, samples, tokens], dtype=torch.float64)
+        totals = torch.stack([loss_sum.double(), torch.tensor(float(samples), dtype=torch.float64, device=device),
+                              torch.tensor(float(tokens), dtype=torch.float64, device=device)])
         if distributed:
             dist.all_reduce(totals)
+        totals = totals.cpu()
         throughput.add(int(totals[1]), int(totals[2]))
         done = step + 1
         elapsed = time.perf_counter() - run_start
@@ -286,6 +304,7 @@ def train_worker(loop_config: dict) -> None:
             "samples": positions,
             "epoch": positions / s.source.num_records if s.source.num_records else None,
             "elapsed_s": elapsed,
+            "worker_cpu_s": time.process_time() - cpu_start,  # this process's CPU time (rank 0's when reported)
             "eta_s": elapsed / (done - start_step) * (s.total_steps - done),
         }
         history.append(metrics)
@@ -294,10 +313,34 @@ def train_worker(loop_config: dict) -> None:
         if s.step_hook is not None and rank == 0:
             s.step_hook(done, inner, tokenizer, spec)
         if done % s.save_every == 0 or done == s.total_steps:
-            _save(s, inner, optimizer, fsdp, distributed, rank, done, positions, metrics, skipped, history)
-        else:
+            _save(s, inner, optimizer, fsdp, distributed, rank, done, positions, metrics, skipped, history, starts)
+        elif done % s.report_every == 0:
             ray.train.report(metrics)
     del stream
+
+
+@contextlib.contextmanager
+def _local_copy(fs, path: str):
+    """A local directory holding the checkpoint at `path` (itself on a local disk, else a temporary copy)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="raylens-resume-") as directory:
+        yield download(fs, path, directory)
+
+
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs every report at INFO ("Reporting training result ...", two lines a step) through a
+    logger named after its file, outside `ray.train`, so RunConfig's LoggingConfig does not reach it; our
+    progress line says the same once."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray version: its logs stay
+        pass
 
 
 def read_history(path: str) -> list[dict]:
@@ -329,7 +372,7 @@ def _gather_skipped(skipped: dict[str, set[str]], distributed: bool) -> dict[str
 
 
 def _save(s: LoopSettings, inner, optimizer, fsdp: bool, distributed: bool, rank: int, step: int, positions: int,
-          metrics: dict, skipped: dict[str, set[str]], history: list[dict]) -> None:
+          metrics: dict, skipped: dict[str, set[str]], history: list[dict], starts: list[int]) -> None:
     """Every rank takes part (FSDP gathers, skipped records are merged); rank 0 writes, all report."""
     import ray.train
     import torch
@@ -358,14 +401,19 @@ def _save(s: LoopSettings, inner, optimizer, fsdp: bool, distributed: bool, rank
     with tempfile.TemporaryDirectory(prefix="raylens-ckpt-") as directory:
         save_file(weights, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
         torch.save(optimizer_state, os.path.join(directory, OPTIMIZER_FILE))
-        state = TrainingState(step=step, positions=positions, metrics=metrics, skipped=all_skipped)
-        with open(os.path.join(directory, STATE_FILE), "w") as f:
-            f.write(state.to_json())
         with open(os.path.join(directory, RUN_FILE), "w") as f:
             json.dump(s.run_description, f, indent=2, ensure_ascii=False)
         with open(os.path.join(directory, HISTORY_FILE), "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in history)
+        files = {name: os.path.getsize(os.path.join(directory, name))
+                 for name in (WEIGHTS_FILE, OPTIMIZER_FILE, RUN_FILE, HISTORY_FILE)}
+        state = TrainingState(step=step, positions=positions, metrics=metrics, skipped=all_skipped, starts=starts,
+                              files=files)
+        with open(os.path.join(directory, STATE_FILE), "w") as f:
+            f.write(state.to_json())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+    if s.output_fs is not None:
+        prune_checkpoints(s.output_fs, s.output_root, s.keep)
     print(f"saved {name} (step {step}, {positions} samples seen)", flush=True)
 
 
