@@ -65,7 +65,6 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
     from raylens.checkpoints.formats import CheckpointError, read_model_spec
     from raylens.checkpoints.resolve import resolve_model
     from raylens.training.checkpoint import model_fingerprint, raylens_version
-    from raylens.training.contract import spec_tiling
     from raylens.training.loader import RecordSource
     from raylens.training.loop import LoopSettings, total_steps_for
     from raylens.training.records import read_training_data
@@ -76,7 +75,7 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
         model_fs = s3.filesystem() if (config.model or "").startswith("s3://") else None
         model_dir = str(resolve_model(config.model, filesystem=model_fs))
         spec = read_model_spec(model_dir)
-        tiling = spec_tiling(spec, config.max_tiles)
+        tiling = spec.tiling(config.max_tiles)
         fingerprint = model_fingerprint(model_dir)
     except (FileNotFoundError, CheckpointError, ValueError, RuntimeError) as exc:
         raise UsageError(f"--model: {exc}") from None
@@ -109,7 +108,10 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
     max_length = min(config.max_length, spec.max_position_embeddings or config.max_length)
     trainable = config.trainable()
-    out_fs, out_root = resolve_filesystem(config.output, s3)
+    try:
+        out_fs, out_root = resolve_filesystem(config.output, s3)
+    except ValueError as exc:
+        raise UsageError(f"--output: {exc}") from None
     description = {
         "raylens_version": raylens_version(),
         "base_model": {

@@ -344,7 +344,7 @@ class ShapesCaptionStream:
 
     def encode(self, index: int, encoder):
         from raylens.images import prepare_image
-        from raylens.training.contract import Conversation, Turn
+        from raylens.conversation import Conversation, Turn
         from raylens.training.records import TrainingRecord
 
         attrs = self.attributes(index)

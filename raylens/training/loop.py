@@ -107,8 +107,14 @@ def _no_split_classes(model) -> set[str]:
 
 def _shard_fsdp(model, compute_dtype):
     """FSDP2: each decoder / vision layer is one unit, the rest (embeddings, projector, head) the root's."""
+    import warnings
+
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # The root returns a ModelOutput whose loss is a view; the warning is about in-place ops on it, which
+    # the loop never does (it divides out of place). Printed every step otherwise.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
     policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
               if compute_dtype != torch.float32 else MixedPrecisionPolicy())
@@ -176,7 +182,7 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(s.threads)
     device = ray.train.torch.get_device()
     dtype = resolve_dtype(s.dtype, device.type)
-    fsdp = s.strategy == "fsdp" and distributed
+    fsdp = s.strategy == "fsdp" and dist.is_initialized()  # one worker too: a 1-rank FSDP is a real FSDP run
     print(f"worker {rank}/{world}: pid {os.getpid()}, device {device}, {torch.get_num_threads()} threads", flush=True)
 
     # -- model ------------------------------------------------------------------------------------------
@@ -187,7 +193,7 @@ def train_worker(loop_config: dict) -> None:
     model, tokenizer, spec = load_hf_model(model_dir, dtype=load_dtype, device="cpu" if fsdp else device)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        model.config.use_cache = model.config.text_config.use_cache = False
     model = make_trainable(model, s.trainable)
     model.train()
 
@@ -256,6 +262,7 @@ def train_worker(loop_config: dict) -> None:
     # -- steps ------------------------------------------------------------------------------------------
     throughput = _Throughput()
     run_start, cpu_start = time.perf_counter(), time.process_time()
+    tokens_seen = int(state.metrics.get("tokens", 0)) if state else 0
     for step in range(start_step, s.total_steps):
         lr = lr_at(step, s.total_steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         set_lr(optimizer, lr)
@@ -291,6 +298,7 @@ def train_worker(loop_config: dict) -> None:
             dist.all_reduce(totals)
         totals = totals.cpu()
         throughput.add(int(totals[1]), int(totals[2]))
+        tokens_seen += int(totals[2])
         done = step + 1
         elapsed = time.perf_counter() - run_start
         samples_per_s, tokens_per_s, _ = throughput.take()
@@ -301,12 +309,16 @@ def train_worker(loop_config: dict) -> None:
             "grad_norm": float(grad_norm),
             "samples_per_s": samples_per_s,
             "tokens_per_s": tokens_per_s,
-            "samples": positions,
+            "samples": positions,  # run totals, resumes included
+            "tokens": tokens_seen,
             "epoch": positions / s.source.num_records if s.source.num_records else None,
             "elapsed_s": elapsed,
             "worker_cpu_s": time.process_time() - cpu_start,  # this process's CPU time (rank 0's when reported)
             "eta_s": elapsed / (done - start_step) * (s.total_steps - done),
         }
+        if device.type == "cuda":  # the peaks so far on this worker's GPU
+            metrics["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            metrics["gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
         history.append(metrics)
         if rank == 0 and (done % s.log_every == 0 or done == s.total_steps or done == start_step + 1):
             print(progress_line(metrics, s.total_steps), flush=True)

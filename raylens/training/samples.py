@@ -4,7 +4,7 @@ Why these steps and no others: training must see exactly what inference sees, so
 batch job's own path (`read_source` -> `decode_prepared` with the checkpoint's tiling, `--max-tiles`
 honoured) and text through the model layer's encoding with labels (`encode_for_training`: the
 checkpoint's template and system message, `<image>` expanded per image, one tokenisation, loss on the
-answers and their end-of-turn token only).
+answers and their end-of-turn token only): `encode_request(..., with_labels=True)`, the engines' own.
 
 A record that fails here (image missing or undecodable, too long for `--max-length`, no answer token
 left) raises `BadRecord`; the loader (`raylens.training.loader`) replaces it with another record, counts
@@ -17,11 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
+from raylens.engines.base import VLRequest
+from raylens.engines.encoding import IGNORE_INDEX, encode_request
 from raylens.errors import KindError
 from raylens.fetch import UrlFetcher
 from raylens.images import DEFAULT_MAX_PIXELS, ImageError, PreparedImage, TilingSpec, decode_prepared
 from raylens.sources import SourceError, SourceFilesystems, read_source
-from raylens.training.contract import IGNORE_INDEX, encode_for_training, spec_tiling
 from raylens.training.records import TrainingRecord
 
 BAD_RECORD_KINDS = frozenset({"missing_image", "unreadable_image", "bad_image", "too_long", "no_target", "encode"})
@@ -58,7 +59,7 @@ class SampleEncoder:
 
     def tiling(self, record_max_tiles: int | None = None) -> TilingSpec:
         """--max-tiles, else the data set's own `max_dynamic_patch`, else the checkpoint's."""
-        return spec_tiling(self.spec, self.max_tiles or record_max_tiles)
+        return self.spec.tiling(self.max_tiles or record_max_tiles)
 
     def images(self, record: TrainingRecord, tiling: TilingSpec) -> list[PreparedImage]:
         prepared = []
@@ -80,10 +81,11 @@ class SampleEncoder:
         if images is None:
             images = self.images(record, tiling)
         try:
-            input_ids, labels, pixel_values = encode_for_training(
-                record.conversation, images, spec=self.spec, tokenizer=self.tokenizer, tiling=tiling)
-        except ValueError as exc:
+            request = VLRequest.chat(record.id, record.conversation, images)
+            encoded = encode_request(request, spec=self.spec, tokenizer=self.tokenizer, tiling=tiling, with_labels=True)
+        except ValueError as exc:  # RequestError included: e.g. the text holds <IMG_CONTEXT> itself
             raise BadRecord("encode", str(exc)) from None
+        input_ids, labels, pixel_values = encoded.input_ids, encoded.labels, encoded.pixel_values
         if len(input_ids) > self.max_length:
             raise BadRecord("too_long", f"{len(input_ids)} tokens, more than --max-length {self.max_length}")
         if all(label == IGNORE_INDEX for label in labels):

@@ -165,7 +165,6 @@ def test_lmdeploy_loads_and_runs_a_merged_model(tmp_path, tiny_checkpoint):
 
 
 def _tiling(model_dir):
-    from raylens.checkpoints.formats import read_model_spec
-    from raylens.training.contract import spec_tiling
+    from raylens.checkpoints.formats import ModelSpec
 
-    return spec_tiling(read_model_spec(model_dir))
+    return ModelSpec.from_dir(model_dir).tiling()

@@ -9,9 +9,8 @@ from PIL import Image
 
 from raylens.checkpoints.formats import read_model_spec
 from raylens.engines.base import VLRequest
-from raylens.engines.encoding import encode_request
+from raylens.engines.encoding import IGNORE_INDEX, encode_request
 from raylens.images import decode_prepared, pixel_values_for
-from raylens.training.contract import IGNORE_INDEX, spec_tiling
 from raylens.training.records import parse_record
 from raylens.training.samples import BadRecord, SampleEncoder, collate
 
@@ -40,15 +39,8 @@ def _record(tmp_path, turns, images=(), record_id="r", **kw):
 
 
 def _inference_ids(question, image, spec, tokenizer, tiling):
-    """What the engines tokenise for one question about one image (model layer, either API generation)."""
-    request = VLRequest("q", question, image)
-    try:
-        return encode_request(request, spec=spec, tokenizer=tokenizer, tiling=tiling).input_ids
-    except TypeError:  # before the model-layer contract: the one-question signature
-        from raylens.prompts import get_template
-
-        return encode_request(request, template=get_template(spec.template), tokenizer=tokenizer, tiling=tiling,
-                              image_tokens_per_tile=spec.image_tokens_per_tile).input_ids
+    """What the engines tokenise for one question about one image (the batch job's request)."""
+    return encode_request(VLRequest("q", question, image), spec=spec, tokenizer=tokenizer, tiling=tiling).input_ids
 
 
 def test_one_turn_sample_is_the_inference_prompt_plus_the_answer(tmp_path, encoder, tokenizer_and_spec):
@@ -56,7 +48,7 @@ def test_one_turn_sample_is_the_inference_prompt_plus_the_answer(tmp_path, encod
     _png(tmp_path / "a.png")
     record = _record(tmp_path, [("human", "<image>\nWhat colour?"), ("gpt", "red")], ["a.png"])
     sample = encoder.encode(record)
-    tiling = spec_tiling(spec)
+    tiling = spec.tiling()
     image = decode_prepared((tmp_path / "a.png").read_bytes(), tiling)
     prompt = _inference_ids("What colour?", image, spec, tokenizer, tiling)
     assert sample.input_ids[: len(prompt)] == prompt
