@@ -185,8 +185,11 @@ def _start_ray() -> None:
     """Join a cluster only when told to (`ray job submit` sets RAY_ADDRESS); otherwise start a private one.
 
     The private instance gets RAY_ADDRESS=local in its processes' environment: Ray Train's placement-group
-    cleaner looks its own cluster up by address, and without one it takes the machine's most recent
-    `ray start` cluster (another user's), finds no controller there and removes our workers' placement group.
+    cleaner looks its own cluster up through the state API with no address, and without one it takes the
+    machine's most recent `ray start` cluster (another user's), finds no controller there and removes our
+    workers' placement group. With "local" it finds its own cluster (or, when several run on the machine,
+    gives up with one traceback). The dashboard stays on: it serves that state API, and without it the
+    cleaner logs a warning every second of the run.
     """
     import ray
 
@@ -198,7 +201,7 @@ def _start_ray() -> None:
         return
     os.environ["RAY_ADDRESS"] = "local"
     try:
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", logging_level=logging.WARNING)
     finally:
         del os.environ["RAY_ADDRESS"]
 

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import subprocess_env
+from readme_blocks import readme_commands
 from jobs.finetune import UsageError, main, setup
 from jobs.finetune_config import FinetuneConfig
 from raylens.training.checkpoint import checkpoint_step
@@ -127,9 +128,14 @@ def scenario(tmp_path_factory):
             f.write(json.dumps(row) + "\n")
         f.write("{not json\n")
     out = root / "run"
-    args = ["--data", str(paths["train"]), "--output", str(out), "--workers", "2", "--max-steps", str(STEPS),
-            "--batch-size", "4", "--lr", "5e-3", "--warmup-steps", "2", "--save-every", str(SAVE_EVERY),
+    # The README's command (its data and run directory here), plus checkpoints often enough to kill around.
+    (readme,) = [w for w in readme_commands("finetune-local") if "jobs.finetune" in w]
+    flags = readme[readme.index("jobs.finetune") + 1:]
+    for flag in ("--data", "--output"):
+        del flags[flags.index(flag):flags.index(flag) + 2]
+    args = ["--data", str(paths["train"]), "--output", str(out), *flags, "--save-every", str(SAVE_EVERY),
             "--keep", "2", "--loader-workers", "1", "--max-failures", "2", "--log-every", "5"]
+    assert args[args.index("--max-steps") + 1] == str(STEPS) and args[args.index("--workers") + 1] == "2"
     deadline = time.monotonic() + TIMEOUT_S
 
     first = Cli(args, root / "first.log")

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from jobs.finetune import UsageError, setup
+from readme_blocks import readme_commands
 from jobs.finetune_config import FinetuneConfig
 
 ISSUE_FLAGS = ["--data", "--image-root", "--output", "--model", "--workers", "--gpus-per-worker", "--max-steps",
@@ -80,3 +81,19 @@ def test_setup_refuses_unusable_data_model_and_output(tmp_path):
         setup(FinetuneConfig(data=str(tmp_path / "ok.jsonl"), output=str(tmp_path / "taken")))
     with pytest.raises(UsageError, match="--output: unsupported URI scheme"):
         setup(FinetuneConfig(data=str(tmp_path / "ok.jsonl"), output="ftp://host/run"))
+
+
+def test_the_readmes_fine_tuning_commands_are_valid():
+    from jobs.merge import build_parser as merge_parser
+
+    commands = readme_commands("finetune-local") + readme_commands("finetune-cluster")
+    seen = set()
+    for words in commands:
+        module = words[words.index("-m") + 1]
+        args = words[words.index("-m") + 2:]
+        seen.add(module)
+        if module == "jobs.finetune":
+            FinetuneConfig.from_args(args)
+        elif module == "jobs.merge":
+            merge_parser().parse_args(args)
+    assert {"raylens.training.demo_data", "jobs.finetune", "jobs.merge", "jobs.caption"} <= seen
