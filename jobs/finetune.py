@@ -21,6 +21,7 @@ Exit codes: 0 done; 1 training failed; 2 bad data, model, output or arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -181,29 +182,60 @@ def _run_mismatch(previous: dict, description: dict, config: FinetuneConfig) -> 
     return None
 
 
-def _start_ray() -> None:
-    """Join a cluster only when told to (`ray job submit` sets RAY_ADDRESS); otherwise start a private one.
+def _start_ray(flag: str | None = None) -> None:
+    """Join the cluster `--ray-address` or RAY_ADDRESS (what `ray job submit` sets) names, else start a private
+    instance (never a bare `ray.init()`, which joins whatever Ray runs on the machine). Raises UsageError
+    (one line) when that Ray cannot be reached.
 
-    The private instance gets RAY_ADDRESS=local in its processes' environment: Ray Train's placement-group
-    cleaner looks its own cluster up through the state API with no address, and without one it takes the
-    machine's most recent `ray start` cluster (another user's), finds no controller there and removes our
-    workers' placement group. With "local" it finds its own cluster (or, when several run on the machine,
-    gives up with one traceback). The dashboard stays on: it serves that state API, and without it the
-    cleaner logs a warning every second of the run.
+    The private instance's dashboard listens on a port chosen here, and its processes get
+    RAY_API_SERVER_ADDRESS pointing at it. Why: Ray Train's placement-group cleaner asks the state API
+    whether the run's controller is alive without naming a cluster, and Ray then picks the machine's most
+    recent `ray start` cluster or the one GCS it finds by scanning processes; when that is another user's
+    cluster, the controller is "not found" there and the cleaner removes our workers' placement group,
+    killing them (seen on a shared machine: a demo run restarted from step 0).
     """
     import ray
 
+    from jobs.caption_runtime import LOCAL, RayUnavailable, check_reachable, ray_address, unavailable_message
+
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
-    os.environ["RAY_ADDRESS"] = "local"
+    address = ray_address(flag, os.environ)
     try:
-        ray.init(address="local", logging_level=logging.WARNING)
+        check_reachable(address)
+        if address != LOCAL:
+            ray.init(address=address, logging_level=logging.WARNING)
+            return
+        port = _free_port()
+        with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}"):  # inherited by Ray's processes
+            ray.init(address=LOCAL, dashboard_host="127.0.0.1", dashboard_port=port, logging_level=logging.WARNING)
+    except RayUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - every way of not getting a Ray ends in one line
+        raise UsageError(unavailable_message(address, exc)) from None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the duration (processes started meanwhile keep them)."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
-        del os.environ["RAY_ADDRESS"]
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def build_trainer(plan: FinetunePlan):
@@ -281,7 +313,7 @@ def main(plan: FinetunePlan) -> dict:
         summary = summarize(plan, 0.0, None)
         write_json(plan.out_fs, posixpath.join(plan.out_root, SUMMARY_FILE), summary)
         return summary
-    _start_ray()
+    _start_ray(plan.config.ray_address)
     trainer, use_gpu = build_trainer(plan)
     cfg = plan.config
     kind = "GPU" if use_gpu else "CPU"
@@ -313,7 +345,11 @@ def run(argv: list[str] | None = None) -> int:
     if plan.skipped_at_setup:
         counts = ", ".join(f"{len(ids)} {kind}" for kind, ids in plan.skipped_at_setup.items())
         print(f"skipping records the data file cannot train on: {counts}", flush=True)
-    summary = main(plan)
+    try:
+        summary = main(plan)
+    except UsageError as exc:  # the Ray to run on cannot be reached
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     brief = {k: summary[k] for k in ("completed", "step", "total_steps", "latest_checkpoint", "skipped_records",
                                      "wall_s")}
     if summary["final_metrics"]:

@@ -15,7 +15,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # many workers and with how many loader processes. Everything else defines the run and must match.
 RESUMABLE_CHANGES = frozenset({
     "max_steps", "epochs", "save_every", "keep", "max_failures", "workers", "gpus_per_worker", "cpus_per_worker",
-    "loader_workers", "log_every", "report_every", "threads", "s3_endpoint", "overwrite", "output",
+    "loader_workers", "log_every", "report_every", "threads", "ray_address", "s3_endpoint", "overwrite", "output",
 })
 
 
@@ -65,6 +65,7 @@ class FinetuneConfig:
     strategy: str = _f("ddp", "ddp: every worker holds the model; fsdp: parameters, gradients and optimizer state sharded across workers", choices=STRATEGIES)
     loader_workers: int = _f(2, "data loader processes per worker (read, decode, tile, tokenise ahead of the step; 0: in the training process)")
     threads: int | None = _f(None, "torch CPU threads per worker (default: Ray's, = --cpus-per-worker)")
+    ray_address: str | None = _f(None, "the Ray cluster to run on (default: $RAY_ADDRESS, which `ray job submit` sets; else a private local instance)")
     # -- checkpoints and failures -------------------------------------------------------------------
     save_every: int = _f(200, "save a checkpoint every this many steps (and at the end)")
     keep: int = _f(2, "keep the last this many checkpoints")

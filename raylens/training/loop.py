@@ -207,7 +207,7 @@ def train_worker(loop_config: dict) -> None:
             state = TrainingState.from_json(open(os.path.join(directory, STATE_FILE)).read())
             load_trainable_state(model, load_file(os.path.join(directory, WEIGHTS_FILE)))
             optimizer_state = torch.load(os.path.join(directory, OPTIMIZER_FILE), map_location="cpu",
-                                         weights_only=False)
+                                         weights_only=True)  # tensors and numbers only: no code from a file
             previous_history = read_history(os.path.join(directory, HISTORY_FILE))
         if rank == 0:
             print(f"resumed from checkpoint at step {state.step} ({state.positions} samples seen)", flush=True)
