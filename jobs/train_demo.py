@@ -464,7 +464,7 @@ weights, not to caption photos.
 
 def _non_default_args(args: argparse.Namespace) -> dict:
     defaults = vars(build_parser().parse_args(["--out", args.out]))
-    skip = {"out", "vision_steps", "steps", "seed"}
+    skip = {"out", "vision_steps", "steps", "seed", "run_dir", "loader_workers"}  # the last two: no effect on weights
     return {k: v for k, v in vars(args).items() if k not in skip and v != defaults[k]}
 
 

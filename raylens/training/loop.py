@@ -7,8 +7,9 @@ norm is clipped, AdamW steps with the scheduled learning rate (`raylens.training
 
 Distribution: DDP (Ray's `prepare_model`; gradients all-reduced, `no_sync` while accumulating) or FSDP2
 (`fully_shard` per decoder/vision layer, then the root; bf16 compute with float32 master weights and
-reductions when the weights' dtype is bf16). A single worker trains without a wrapper. On GPUs and with
-`dtype` bfloat16, DDP keeps the frozen weights in bf16 and the trainable ones in float32 under autocast.
+reductions when the weights' dtype is bf16; one worker with `fsdp` is a real one-rank FSDP). A single DDP
+worker trains without a wrapper. On GPUs and with `dtype` bfloat16, DDP keeps the frozen weights in bf16 and
+the trainable ones in float32 under autocast.
 
 Fault tolerance: every `save_every` steps (and at the end) rank 0 writes a checkpoint
 (`raylens.training.checkpoint`) and every rank calls `ray.train.report` with it. A restarted worker group
@@ -126,23 +127,24 @@ def _shard_fsdp(model, compute_dtype):
     return model
 
 
-class _Throughput:
-    """Samples and tokens per second between progress lines (the whole run's rate as well)."""
+class _Window:
+    """The progress line's figures: loss, samples/s and tokens/s over the steps since the previous line
+    (each step's own figures go to the metrics)."""
 
     def __init__(self):
-        self.start = self.mark = time.perf_counter()
-        self.samples = self.tokens = 0
+        self.start, self.steps, self.loss, self.samples, self.tokens = time.perf_counter(), 0, 0.0, 0, 0
 
-    def add(self, samples: int, tokens: int) -> None:
-        self.samples += samples
-        self.tokens += tokens
+    def add(self, loss: float, samples: int, tokens: int) -> None:
+        self.steps, self.loss, self.samples, self.tokens = (self.steps + 1, self.loss + loss, self.samples + samples,
+                                                            self.tokens + tokens)
 
-    def take(self) -> tuple[float, float, float]:
-        now = time.perf_counter()
-        elapsed = max(now - self.mark, 1e-9)
-        rates = (self.samples / elapsed, self.tokens / elapsed, elapsed)
-        self.mark, self.samples, self.tokens = now, 0, 0
-        return rates
+    def close(self, metrics: dict) -> dict:
+        """`metrics` with the window's means in place of the last step's; starts the next window."""
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        line = {**metrics, "loss": self.loss / self.steps, "samples_per_s": self.samples / seconds,
+                "tokens_per_s": self.tokens / seconds}
+        self.__init__()
+        return line
 
 
 def _duration(seconds: float) -> str:
@@ -151,7 +153,8 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(metrics: dict, total_steps: int) -> str:
-    """`step 12/300  loss 1.2345  lr 3.2e-05  grad 0.81  10.2 samples/s  4,120 tokens/s  epoch 0.40  2m03s, eta 47m10s`"""
+    """`step 12/300  loss 1.2345  lr 3.2e-05  grad 0.81  10.2 samples/s  4,120 tokens/s  epoch 0.40  2m03s, eta 47m10s`
+    (loss and rates: means since the previous line; lr and grad norm: this step's)."""
     epoch = f"  epoch {metrics['epoch']:.2f}" if metrics.get("epoch") is not None else ""
     return (f"step {metrics['step']}/{total_steps}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
             f"grad {metrics['grad_norm']:.3f}  {metrics['samples_per_s']:.1f} samples/s  "
@@ -260,10 +263,11 @@ def train_worker(loop_config: dict) -> None:
     per_step = s.batch_size * s.grad_accum * world
 
     # -- steps ------------------------------------------------------------------------------------------
-    throughput = _Throughput()
+    window = _Window()
     run_start, cpu_start = time.perf_counter(), time.process_time()
     tokens_seen = int(state.metrics.get("tokens", 0)) if state else 0
     for step in range(start_step, s.total_steps):
+        step_start = time.perf_counter()
         lr = lr_at(step, s.total_steps, s.lr, s.warmup_steps, s.min_lr_ratio)
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
@@ -297,18 +301,19 @@ def train_worker(loop_config: dict) -> None:
         if distributed:
             dist.all_reduce(totals)
         totals = totals.cpu()
-        throughput.add(int(totals[1]), int(totals[2]))
         tokens_seen += int(totals[2])
         done = step + 1
         elapsed = time.perf_counter() - run_start
-        samples_per_s, tokens_per_s, _ = throughput.take()
+        step_s = max(time.perf_counter() - step_start, 1e-9)
+        step_loss = float(totals[0]) / world
+        window.add(step_loss, int(totals[1]), int(totals[2]))
         metrics = {
             "step": done,
-            "loss": float(totals[0]) / world,
+            "loss": step_loss,
             "lr": lr,
             "grad_norm": float(grad_norm),
-            "samples_per_s": samples_per_s,
-            "tokens_per_s": tokens_per_s,
+            "samples_per_s": int(totals[1]) / step_s,
+            "tokens_per_s": int(totals[2]) / step_s,
             "samples": positions,  # run totals, resumes included
             "tokens": tokens_seen,
             "epoch": positions / s.source.num_records if s.source.num_records else None,
@@ -321,7 +326,7 @@ def train_worker(loop_config: dict) -> None:
             metrics["gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
         history.append(metrics)
         if rank == 0 and (done % s.log_every == 0 or done == s.total_steps or done == start_step + 1):
-            print(progress_line(metrics, s.total_steps), flush=True)
+            print(progress_line(window.close(metrics), s.total_steps), flush=True)
         if s.step_hook is not None and rank == 0:
             s.step_hook(done, inner, tokenizer, spec)
         if done % s.save_every == 0 or done == s.total_steps:

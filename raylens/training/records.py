@@ -32,10 +32,10 @@ from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
+from raylens.conversation import Conversation, Turn
 from raylens.errors import KindError
 from raylens.prompts import IMAGE_PLACEHOLDER
 from raylens.storage import S3Settings, is_s3, resolve_filesystem
-from raylens.conversation import Conversation, Turn
 
 STRUCTURE_KINDS = frozenset({"bad_record", "no_conversations", "bad_turns", "empty_answer", "image_tags"})
 USER_ROLES = ("human", "user")
