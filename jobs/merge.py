@@ -33,7 +33,6 @@ from raylens.training.checkpoint import (
     TrainingState,
     list_checkpoints,
     model_fingerprint,
-    read_json,
 )
 
 MERGE_INFO_FILE = "raylens_finetune.json"

@@ -38,6 +38,8 @@ from jobs.finetune_config import FinetuneConfig
 from raylens.training.checkpoint import checkpoint_step
 from raylens.training.demo_data import write_shape_questions
 
+pytestmark = pytest.mark.slow  # Ray Train runs: tens of seconds on 2 cores
+
 STEPS = 40
 SAVE_EVERY = 10
 TIMEOUT_S = 900
@@ -222,7 +224,6 @@ def _accuracy(output_dir) -> float:
     return float((table["text"] == table["answer"]).mean())
 
 
-@pytest.mark.slow
 def test_the_merged_model_answers_what_the_demo_model_could_not(scenario, tmp_path, ray_local):
     from jobs.caption import main as caption_main
     from jobs.caption import setup as caption_setup

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 
 import pyarrow.fs as pafs
+import pytest
 
 from jobs.finetune import main, setup
 from jobs.finetune_config import FinetuneConfig
 from jobs.merge import merge
 from raylens.checkpoints.loading import load_hf_model
+
+pytestmark = pytest.mark.slow  # Ray Train runs: tens of seconds on 2 cores
 
 
 def _data(folder, bucket, local_s3) -> str:

@@ -16,6 +16,8 @@ from raylens.demo import shapes
 from raylens.images import pixel_values_for, prepare_image
 from raylens.prompts import DEFAULT_CAPTION_PROMPT, build_prompt, expand_image_placeholders
 
+pytestmark = pytest.mark.slow  # Ray Train runs: tens of seconds on 2 cores
+
 STEPS, BATCH, WARMUP, LR = 3, 4, 2, 1e-3
 
 
