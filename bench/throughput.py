@@ -179,8 +179,18 @@ def table(results: list[dict]) -> str:
 
 def table_of_files(paths: list[str]) -> str:
     """One table over the results of several runs (e.g. a pipeline and a raylens run of one device call
-    given different image counts, so that each has at least 30 s of steady state)."""
-    return table([r for path in paths for r in json.loads(Path(path).read_text())["results"]])
+    given different image counts, so that each has at least 30 s of steady state). Every bound uses the
+    highest bf16 rate measured among the files: it is one GPU's rate, and a lower measurement only means
+    that something else shared the GPU while it was taken."""
+    files = [json.loads(Path(path).read_text()) for path in paths]
+    tflops = max((f["bf16_tflops"] for f in files if f.get("bf16_tflops")), default=None)
+    results = []
+    for f in files:
+        for r in f["results"]:
+            if tflops and r.get("flops_per_image"):
+                r = dict(r, bound_images_per_s=round(tflops * 1e12 / r["flops_per_image"], 1))
+            results.append(r)
+    return table(results)
 
 
 def main(argv: list[str] | None = None) -> int:

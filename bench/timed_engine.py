@@ -10,7 +10,8 @@ With `"timeline": true` it also samples, every 100 ms, how many requests the eng
 `generate` and not returned) and, for lmdeploy, its scheduler's running and waiting sequences; and it
 logs each batch's arrival and return. That is what shows whether the GPU idles because the engine has
 nothing queued (the feed) or because queued requests are not yet scheduled (the engine). Written to
-`DIR/timeline-<pid>.json` every second; `read_timelines` collects them.
+`DIR/timeline-<pid>.json` every second and whenever the engine falls idle (so a run shorter than a second
+still leaves its batches); `read_timelines` collects them.
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ class TimedEngine:
         finally:
             self._held -= len(requests)
             self._timeline["batches"].append((round(arrived, 3), round(time.time(), 3), len(requests)))
+            if self._held == 0:  # idle (the run's end, at the latest): the file gets every batch so far
+                self._write_timeline()
 
     async def _by_output_length(self, requests: Sequence[VLRequest], params: SamplingParams) -> list[VLResult]:
         """One inner call per answer length, all at once (an async engine batches them together)."""
@@ -95,8 +98,10 @@ class TimedEngine:
         backend = getattr(getattr(self._engine, "_engine", None), "engine", None)
         return getattr(backend, "scheduler", None)
 
+    def _write_timeline(self) -> None:
+        self._dir.joinpath(f"timeline-{os.getpid()}.json").write_text(json.dumps(self._timeline))
+
     async def _sample(self) -> None:
-        path = self._dir / f"timeline-{os.getpid()}.json"
         last_write = 0.0
         while True:
             scheduler = self._scheduler()
@@ -109,7 +114,7 @@ class TimedEngine:
             now = time.time()
             self._timeline["samples"].append((round(now, 3), self._held, running, waiting))
             if now - last_write > 1.0:
-                path.write_text(json.dumps(self._timeline))
+                self._write_timeline()
                 last_write = now
             await asyncio.sleep(0.1)
 

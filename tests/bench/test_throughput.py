@@ -77,6 +77,21 @@ def test_table_over_several_result_files(tmp_path, capsys):
     assert "| raylens | 100 | 160.0 | 0 | 0 | 3.20x | - | 400.0 (40%) | 30 |" in rows[3]
 
 
+def test_table_over_files_bounds_every_run_by_the_best_measured_gpu_rate(tmp_path, capsys):
+    """A run whose matmul probe shared the GPU measured a lower rate; the bound is the GPU's, not the probe's."""
+    def run(contender, ips, tflops):
+        r = dict(contender=contender, size="2b", max_tiles=12, workload="fixed", images=100, images_per_s=ips,
+                 output_tokens_per_s=0, gpu_util_mean=0, startup_s=30, flops_per_image=20e12,
+                 bound_images_per_s=round(tflops / 20, 1))
+        return {"results": [r], "bf16_tflops": tflops}
+
+    (tmp_path / "a.json").write_text(json.dumps(run("pipeline", 10.0, 800.0)))
+    (tmp_path / "b.json").write_text(json.dumps(run("raylens", 18.0, 320.0)))
+    assert main(["table", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert "| 40.0 (25%) |" in rows[2] and "| 40.0 (45%) |" in rows[3]  # 800 TFLOP/s / 20 TFLOP per image
+
+
 def test_table_gives_scaling_efficiency_against_one_gpu():
     def result(contender, ips, size="1b"):
         return dict(contender=contender, size=size, max_tiles=1, images=100, images_per_s=ips,
