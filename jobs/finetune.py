@@ -68,6 +68,7 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
     from raylens.training.checkpoint import model_fingerprint, raylens_version
     from raylens.training.loader import RecordSource
     from raylens.training.loop import LoopSettings, total_steps_for
+    from raylens.sources import ReadRoots
     from raylens.training.records import read_training_data
 
     env = dict(os.environ if env is None else env)
@@ -82,6 +83,7 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
         raise UsageError(f"--model: {exc}") from None
 
     skipped: dict[str, list[str]] = {}
+    read_roots = None  # a SampleSource given in code (synthetic data) reads no files
     data_info: dict = {"data": config.data, "image_root": config.image_root}
     if source is None:
         try:
@@ -94,6 +96,7 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
             reasons = ", ".join(f"{len(ids)} {kind}" for kind, ids in data.skipped.items()) or "it is empty"
             raise UsageError(f"--data {config.data} has no record to train on ({reasons})")
         source = RecordSource(data.records)
+        read_roots = ReadRoots.of(data.roots)
         skipped = data.skipped
         data_info.update(files=data.files, fingerprint=data.fingerprint, records=len(data.records),
                          skipped={kind: len(ids) for kind, ids in skipped.items()})
@@ -135,7 +138,7 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
         gradient_checkpointing=config.gradient_checkpointing, max_length=max_length, max_tiles=config.max_tiles,
         seed=config.seed, shuffle=config.shuffle, loader_workers=config.loader_workers, threads=config.threads,
         save_every=config.save_every, keep=config.keep, log_every=config.log_every,
-        report_every=config.report_every, s3=s3, run_description=description, step_hook=step_hook,
+        report_every=config.report_every, s3=s3, read_roots=read_roots, run_description=description, step_hook=step_hook,
         output_fs=out_fs, output_root=out_root,
     )
     try:

@@ -29,6 +29,7 @@ PIL's own bomb limit still applies, so a ``max_pixels`` above it is capped by it
 from __future__ import annotations
 
 import io
+import re
 from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
@@ -192,6 +193,13 @@ def _opened(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
             ) from None
         except MemoryError:
             raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            # Pillow's own cap (Image.MAX_IMAGE_PIXELS, left as it is) fired before ours could: the
+            # message names the lower of the two, the one that applies, not Pillow's doubled error threshold
+            declared = re.search(r"\((\d+) pixels\)", str(e))
+            limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, int(Image.MAX_IMAGE_PIXELS))
+            raise ImageError("too_large", f"the image declares {declared.group(1) if declared else 'more'} pixels, "
+                             f"more than the limit of {limit}") from None
         except Exception as e:  # PIL plugins raise many types; all are row-level problems
             raise _classify(e, "reading the image header") from e
         with image:

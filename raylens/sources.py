@@ -129,6 +129,13 @@ class ReadRoots:
         shown = [*self.local, *(f"s3://{r}" for r in self.s3)]
         return ", ".join(shown) if shown else "none"
 
+    @classmethod
+    def of(cls, roots: Sequence[str]) -> "ReadRoots":
+        """Roots given as folders or ``s3://bucket/prefix`` URIs (local ones resolved to their real paths)."""
+        local = [os.path.realpath(r) for r in roots if not r.startswith("s3://")]
+        s3 = [r[len("s3://"):].strip("/") for r in roots if r.startswith("s3://")]
+        return cls(local=tuple(dict.fromkeys(local)), s3=tuple(dict.fromkeys(s3)))
+
 
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")

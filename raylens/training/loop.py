@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from raylens.sources import ReadRoots
 from raylens.storage import S3Settings
 from raylens.training.checkpoint import (
     HISTORY_FILE,
@@ -85,6 +86,7 @@ class LoopSettings:
     report_every: int = 10
     s3: S3Settings | None = None
     allowed_domains: frozenset[str] | None = None
+    read_roots: ReadRoots | None = None  # where local and s3:// images may be read from (None: anywhere)
     run_description: dict[str, Any] = field(default_factory=dict)
     # Called on rank 0 after each step as hook(step, model, tokenizer, spec); the model is the unwrapped one.
     step_hook: Callable | None = None
@@ -254,7 +256,7 @@ def train_worker(loop_config: dict) -> None:
     if pad_id is None:
         pad_id = model_pad_id(inner)
     encoder = SampleEncoder(spec=spec, tokenizer=tokenizer, max_length=s.max_length, max_tiles=s.max_tiles,
-                            filesystems=SourceFilesystems.create(s.s3),
+                            filesystems=SourceFilesystems.create(s.s3, roots=s.read_roots),
                             fetcher=UrlFetcher(allowed_domains=s.allowed_domains))
     order = Order(s.source.num_records, s.seed, s.shuffle)
     batches = RankBatches(s.source, encoder, order=order, start=positions, rank=rank, world=world,

@@ -67,6 +67,9 @@ class TrainingData:
     skipped: dict[str, list[str]] = field(default_factory=dict)  # kind -> record ids
     files: list[str] = field(default_factory=list)  # every file read (URIs)
     fingerprint: str = ""  # sha256 over the files' bytes, in reading order
+    # The folders (or s3:// prefixes) the records' image paths were resolved against: the only places
+    # training may read images from, as a manifest's rows in the batch job (raylens.sources.ReadRoots).
+    roots: list[str] = field(default_factory=list)
 
     @property
     def num_skipped(self) -> int:
@@ -117,6 +120,7 @@ def read_training_data(data: str, *, image_root: str | None = None, s3: S3Settin
     out = TrainingData(records=[])
     if data.lower().endswith(".jsonl"):
         root = image_root or _dirname(data)
+        out.roots.append(root)
         _add(out, _records(_jsonl_rows(raw, data), posixpath.basename(data), root, None))
     else:
         try:
@@ -125,14 +129,18 @@ def read_training_data(data: str, *, image_root: str | None = None, s3: S3Settin
             raise ValueError(f"{data} is neither JSON Lines (.jsonl) nor valid JSON: {exc}") from None
         if isinstance(parsed, list):
             root = image_root or _dirname(data)
+            out.roots.append(root)
             _add(out, _records(((i, row) for i, row in enumerate(parsed)), posixpath.basename(data), root, None))
         elif _is_meta(parsed):
             for name, entry in parsed.items():
-                _add(out, _meta_entry(reader, data, name, entry, image_root, seed))
+                root, records = _meta_entry(reader, data, name, entry, image_root, seed)
+                out.roots.append(root)
+                _add(out, records)
         else:
             raise ValueError(f"{data} is JSON but neither a LLaVA list of records nor an InternVL meta file "
                              "({name: {root, annotation, ...}})")
     out.files = reader.files
+    out.roots = list(dict.fromkeys(out.roots))
     out.fingerprint = reader.digest.hexdigest()
     return out
 
@@ -157,7 +165,7 @@ def _meta_entry(reader: _Reader, meta_uri: str, name: str, entry: dict, image_ro
     picked = rows * whole
     if fraction:
         picked += random.Random(f"{seed}/{name}").sample(rows, int(len(rows) * fraction))
-    return _records(iter(picked), name, root, max_tiles)
+    return root, _records(iter(picked), name, root, max_tiles)
 
 
 def _jsonl_rows(raw: bytes, uri: str) -> Iterator[tuple[int, Any]]:

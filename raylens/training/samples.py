@@ -25,7 +25,8 @@ from raylens.images import DEFAULT_MAX_PIXELS, ImageError, PreparedImage, Tiling
 from raylens.sources import SourceError, SourceFilesystems, read_source
 from raylens.training.records import TrainingRecord
 
-BAD_RECORD_KINDS = frozenset({"missing_image", "unreadable_image", "bad_image", "too_long", "no_target", "encode"})
+BAD_RECORD_KINDS = frozenset({"missing_image", "image_outside_root", "unreadable_image", "bad_image", "too_long",
+                              "no_target", "encode"})
 
 
 class BadRecord(KindError):
@@ -67,7 +68,7 @@ class SampleEncoder:
             try:
                 data = read_source(source, filesystems=self.filesystems, fetcher=self.fetcher)
             except SourceError as exc:
-                kind = "missing_image" if exc.kind == "missing" else "unreadable_image"
+                kind = {"missing": "missing_image", "outside_root": "image_outside_root"}.get(exc.kind, "unreadable_image")
                 raise BadRecord(kind, f"{source}: {exc}") from None
             try:
                 prepared.append(decode_prepared(data, tiling, max_pixels=self.max_pixels))

@@ -364,6 +364,13 @@ def test_invalid_inputs_raise_image_error(make, kwargs, kind):
     assert isinstance(info.value, ValueError) and str(info.value)
 
 
+def test_a_bomb_caught_by_pillow_names_the_limit_that_applies():
+    with pytest.raises(ImageError, match=r"declares 10000000000 pixels, more than the limit of 40000000$"):
+        decode_image(_png_declaring(100_000, 100_000), max_pixels=40_000_000)
+    with pytest.raises(ImageError, match=rf"declares 100000000 pixels, more than the limit of {Image.MAX_IMAGE_PIXELS}$"):
+        decode_image(_png_declaring(10_000, 10_000), max_pixels=10**9)  # Pillow's cap is the lower one
+
+
 def test_image_error_pickles_with_kind():
     error = pickle.loads(pickle.dumps(ImageError("truncated", "cut short")))
     assert (error.kind, str(error)) == ("truncated", "cut short")

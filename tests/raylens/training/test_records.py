@@ -81,6 +81,7 @@ def test_llava_json_list_and_image_root(tmp_path):
     result = read_training_data(str(data), image_root="s3://bucket/imgs/")
     assert [r.images for r in result.records] == [("s3://bucket/imgs/a.png",), ("/abs/b.png",)]
     assert result.records[0].id == "train.json:0"
+    assert result.roots == ["s3://bucket/imgs/"]  # /abs/b.png is outside it: training will refuse to read it
 
 
 def test_internvl_meta_file_with_roots_repeats_and_tile_caps(tmp_path):
@@ -105,6 +106,9 @@ def test_internvl_meta_file_with_roots_repeats_and_tile_caps(tmp_path):
     # an --image-root is where relative roots live
     rooted = read_training_data(str(meta), image_root="/mnt", seed=3)
     assert rooted.records[0].images == ("/mnt/images/food/0.jpg",)
+    # the places images may be read from: each entry's root
+    assert result.roots == [str(tmp_path / "images" / "food"), "/data/docs"]
+    assert rooted.roots == ["/mnt/images/food", "/data/docs"]
 
 
 def test_unreadable_data_files_raise(tmp_path):

@@ -114,6 +114,28 @@ def test_unusable_images_and_lengths_are_bad_records(tmp_path, tokenizer_and_spe
     assert caught.value.kind == "too_long"
 
 
+def test_images_outside_the_data_roots_are_bad_records(tmp_path, tokenizer_and_spec):
+    """As a batch-job manifest's rows: a record may read images only under its data's roots (issue 10 item 7)."""
+    from raylens.sources import ReadRoots, SourceFilesystems
+
+    tokenizer, spec = tokenizer_and_spec
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir(), elsewhere.mkdir()
+    _png(data / "in.png"), _png(elsewhere / "out.png")
+    (data / "link.png").symlink_to(elsewhere / "out.png")
+    confined = SampleEncoder(spec=spec, tokenizer=tokenizer, max_length=4096,
+                             filesystems=SourceFilesystems.create(roots=ReadRoots.of([str(data)])))
+    turns = [("human", "?"), ("gpt", "x")]
+    assert confined.encode(parse_record({"conversations": [{"from": f, "value": v} for f, v in turns],
+                                         "image": "in.png"}, record_id="r", image_root=str(data))).pixel_values is not None
+    for image in ("../elsewhere/out.png", str(elsewhere / "out.png"), "link.png", "/proc/self/environ"):
+        record = parse_record({"conversations": [{"from": f, "value": v} for f, v in turns], "image": image},
+                              record_id="r", image_root=str(data))
+        with pytest.raises(BadRecord) as caught:
+            confined.encode(record)
+        assert caught.value.kind == "image_outside_root", image
+
+
 def test_collate_pads_right_and_masks_padding(tmp_path, encoder, tokenizer_and_spec):
     tokenizer, _ = tokenizer_and_spec
     _png(tmp_path / "a.png")
