@@ -8,14 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
+from jobs.config_cli import config_field as _f, config_parser, parse_config
 from raylens.engines import ENGINE_NAMES as ENGINES  # the one list of engine names (a cheap import)
 from raylens.prompts import DEFAULT_CAPTION_PROMPT
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -33,7 +30,8 @@ class CaptionJobConfig:
     image_root: list[str] | None = _f(None, "a folder or s3://bucket/prefix that manifest rows may read besides the manifest's own folder; repeatable (default: only the manifest's folder)", action="append")
     shard_size: int = _f(256, "images per output file; the unit of resume")
     # -- what to ask ------------------------------------------------------------------------
-    prompt: list[str] = _f(None, "the instruction asked of every image; repeat the flag to ask several (one row each)", action="append")
+    prompt: list[str] = _f(None, "the instruction asked of every image; repeat the flag to ask several (one row each)", action="append",
+                                shown_default=repr(DEFAULT_CAPTION_PROMPT))
     # -- model and engine -------------------------------------------------------------------
     model: str | None = _f(None, "Hugging Face id (OpenGVLab/InternVL2-2B), local directory or s3:// prefix; default: the shipped demo model")
     engine: str = _f("auto", "auto (lmdeploy on GPUs when installed, else transformers) | lmdeploy | transformers | package.module:Class")
@@ -146,26 +144,8 @@ class CaptionJobConfig:
 
     @classmethod
     def parser(cls, prog: str = "python -m jobs.caption", description: str | None = None) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            meta = dict(f.metadata)
-            help_text = meta.pop("help")
-            if f.type in ("bool", bool):
-                p.add_argument(flag, action="store_true", help=help_text)
-                continue
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            default_note = "" if f.default is None or meta.get("required") else f" (default: {f.default})"
-            if f.name == "prompt":
-                default_note = f" (default: {DEFAULT_CAPTION_PROMPT!r})"
-            p.add_argument(flag, type=kind, default=f.default, help=help_text + default_note, **meta)
-        return p
+        return config_parser(cls, prog, description)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, **parser_kwargs) -> "CaptionJobConfig":
-        parser = cls.parser(**parser_kwargs)
-        args = parser.parse_args(argv)
-        try:
-            return cls(**vars(args))
-        except ValueError as exc:
-            parser.error(str(exc))  # exits 2 with the usage line, like any other bad flag
+        return parse_config(cls, argv, **parser_kwargs)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+
+from jobs.config_cli import config_field as _f, config_parser, parse_config
 
 STRATEGIES = ("ddp", "fsdp")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -17,10 +19,6 @@ RESUMABLE_CHANGES = frozenset({
     "max_steps", "epochs", "save_every", "keep", "max_failures", "workers", "gpus_per_worker", "cpus_per_worker",
     "loader_workers", "log_every", "report_every", "threads", "ray_address", "s3_endpoint", "overwrite", "output",
 })
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -148,28 +146,8 @@ class FinetuneConfig:
     @classmethod
     def parser(cls, prog: str = "python -m jobs.finetune", description: str | None = None,
                epilog: str | None = None) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            meta = dict(f.metadata)
-            help_text = meta.pop("help")
-            if f.type in ("bool", bool):
-                p.add_argument(flag, action=argparse.BooleanOptionalAction if f.default else "store_true",
-                               default=f.default, help=help_text)
-                continue
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            if meta.get("nargs"):
-                kind = str
-            default_note = "" if f.default is None or meta.get("required") else f" (default: {f.default})"
-            p.add_argument(flag, type=kind, default=f.default, help=help_text + default_note, **meta)
-        return p
+        return config_parser(cls, prog, description, epilog)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, **parser_kwargs) -> "FinetuneConfig":
-        parser = cls.parser(**parser_kwargs)
-        args = parser.parse_args(argv)
-        try:
-            return cls(**vars(args))
-        except ValueError as exc:
-            parser.error(str(exc))  # exits 2 with the usage line, like any other bad flag
+        return parse_config(cls, argv, **parser_kwargs)
