@@ -72,6 +72,11 @@ def flops_per_image(s: Shapes, *, tiles: int, text_tokens: int, new_tokens: int)
     return 2.0 * (vision + projector + prefill + decode)
 
 
+def bound_images_per_s(tflops: float | None, flops_per_image: float) -> float | None:
+    """The images/s a GPU of `tflops` (measured bf16 rate) cannot beat at `flops_per_image`."""
+    return round(tflops * 1e12 / flops_per_image, 1) if tflops else None
+
+
 def measure_bf16_tflops(n: int = 8192, repeats: int = 20, rounds: int = 5) -> float | None:
     """The GPU's dense bf16 matmul rate, measured (None without CUDA): the best of `rounds`, because a round
     that shares the GPU (a previous run's engine still exiting) is slower and the GPU's rate is not."""

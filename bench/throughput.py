@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.bound import Shapes, flops_per_image, measure_bf16_tflops
+from bench.bound import Shapes, bound_images_per_s, flops_per_image, measure_bf16_tflops
 from bench.data import OUTPUT_LENGTHS, output_length, write_images, write_mixed_images
 from bench.gpu_monitor import GpuMonitor
 
@@ -58,7 +58,7 @@ def workload_bound(model_dir: Path, images: Path, n: int, max_tiles: int, new_to
         flops.append(flops_per_image(shapes, tiles=tiles, text_tokens=text,
                                      new_tokens=new_tokens or output_length(path.name)))
     mean = sum(flops) / len(flops)
-    return {"flops_per_image": mean, "bound_images_per_s": round(tflops * 1e12 / mean, 1) if tflops else None}
+    return {"flops_per_image": mean, "bound_images_per_s": bound_images_per_s(tflops, mean)}
 
 
 def _prompt_text_tokens(model_dir: Path, spec) -> int:
@@ -188,7 +188,7 @@ def table_of_files(paths: list[str]) -> str:
     for f in files:
         for r in f["results"]:
             if tflops and r.get("flops_per_image"):
-                r = dict(r, bound_images_per_s=round(tflops * 1e12 / r["flops_per_image"], 1))
+                r = dict(r, bound_images_per_s=bound_images_per_s(tflops, r["flops_per_image"]))
             results.append(r)
     return table(results)
 

@@ -291,26 +291,21 @@ def manifest_roots(fs: pafs.FileSystem, root: str, image_roots: Sequence[str] = 
     """The roots a manifest input's rows may read: its folder (``root`` itself when it is a folder of
     manifests) and every image root. ValueError for a local image root that is not a folder."""
     folder = root if fs.get_file_info(root).type == pafs.FileType.Directory else posixpath.dirname(root)
-    local: list[str] = []
-    s3: list[str] = []
-    if isinstance(fs, pafs.S3FileSystem):
-        s3.append(folder.strip("/"))
-    else:
-        local.append(os.path.realpath(folder))
+    roots = ["s3://" + folder if isinstance(fs, pafs.S3FileSystem) else folder]
     for extra in image_roots:
         if extra.startswith("s3://"):
             prefix = extra[len("s3://"):].strip("/")
             if not prefix or _dot_segments(prefix):
                 raise ValueError(f"--image-root {extra!r} is not an s3://bucket[/prefix]")
-            s3.append(prefix)
+            roots.append(extra)
         elif "://" in extra:
             raise ValueError(f"--image-root {extra!r}: expected a local folder or s3://bucket/prefix")
         else:
             real = os.path.realpath(os.path.expanduser(extra))
             if not os.path.isdir(real):
                 raise ValueError(f"--image-root {extra} is not a folder")
-            local.append(real)
-    return ReadRoots(local=tuple(dict.fromkeys(local)), s3=tuple(dict.fromkeys(s3)))
+            roots.append(real)
+    return ReadRoots.of(roots)
 
 
 def _name_below(root: str, path: str) -> str:
