@@ -47,12 +47,11 @@ from jobs.caption_output import (
     output_overlap,
     read_manifest,
     top_level_files,
-    write_atomically,
     write_manifest,
 )
 from raylens.images import TilingSpec
 from raylens.sources import InputItem, ReadRoots, list_inputs
-from raylens.storage import S3Settings, ensure_writable_dir, resolve_filesystem
+from raylens.storage import S3Settings, ensure_writable_dir, resolve_filesystem, write_atomically
 
 logger = logging.getLogger("raylens.caption")
 

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raylens.storage import read_bytes, retry_transient
+from raylens.storage import read_bytes, retry_transient, write_atomically
 
 logger = logging.getLogger("raylens.caption")
 
@@ -160,17 +160,6 @@ def _below(path: str, folder: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------- writing
-def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = posixpath.join(posixpath.dirname(path), "." + posixpath.basename(path) + ".tmp")
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:  # object stores: one PUT is atomic
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-
 def _json_value(value):
     """JSON has no NaN or Infinity: a non-finite float is written as null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -275,13 +275,13 @@ def build_trainer(plan: FinetunePlan):
 
 def summarize(plan: FinetunePlan, wall_s: float, error: str | None) -> dict:
     """The run's summary, read from its latest checkpoint (what a resume would start from)."""
+    from raylens.storage import read_bytes
     from raylens.training.checkpoint import STATE_FILE, TrainingState, list_checkpoints
 
     checkpoints = list_checkpoints(plan.out_fs, plan.out_root)
     state = None
     if checkpoints:
-        with plan.out_fs.open_input_stream(posixpath.join(checkpoints[-1][1], STATE_FILE)) as f:
-            state = TrainingState.from_json(f.read().decode())
+        state = TrainingState.from_json(read_bytes(plan.out_fs, posixpath.join(checkpoints[-1][1], STATE_FILE)).decode())
     total = plan.settings.total_steps
     skipped = {kind: len(ids) for kind, ids in plan.skipped_at_setup.items()}
     for kind, ids in (state.skipped if state else {}).items():

@@ -218,6 +218,19 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     return retry_transient(read)
 
 
+def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Readers see the whole file or none of it: on local disks through a hidden temporary name, moved into
+    place; on object stores one PUT is atomic."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = posixpath.join(posixpath.dirname(path), "." + posixpath.basename(path) + ".tmp")
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
 def ensure_writable_dir(fs: pafs.FileSystem, path: str) -> None:
     """Create `path` and prove it is writable by writing and deleting a marker; raises OSError if not."""
     fs.create_dir(path, recursive=True)

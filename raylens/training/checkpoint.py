@@ -31,6 +31,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from raylens.storage import read_bytes, write_atomically
+
 RUN_FILE = "run.json"
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -100,24 +102,15 @@ class TrainingState:
 
 
 def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
-    """Write JSON to `path` on `fs` (through a temporary name on local disks, so readers never see half)."""
-    data = (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = path + ".tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+    """Write JSON to `path` on `fs`; readers never see half of it."""
+    write_atomically(fs, path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def read_json(fs: pafs.FileSystem, path: str) -> Any | None:
     """The JSON at `path`, or None when there is no such file."""
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+    return json.loads(read_bytes(fs, path))
 
 
 def list_checkpoints(fs: pafs.FileSystem, run_root: str) -> list[tuple[int, str]]:

@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 from raylens.conversation import Conversation, Turn
 from raylens.errors import KindError
 from raylens.prompts import IMAGE_PLACEHOLDER
-from raylens.storage import S3Settings, is_s3, resolve_filesystem
+from raylens.storage import S3Settings, is_s3, read_bytes, resolve_filesystem
 
 STRUCTURE_KINDS = frozenset({"bad_record", "no_conversations", "bad_turns", "empty_answer", "image_tags"})
 USER_ROLES = ("human", "user")
@@ -99,8 +99,7 @@ class _Reader:
         fs, path = resolve_filesystem(uri, self.s3)
         if fs.get_file_info(path).type != pafs.FileType.File:
             raise FileNotFoundError(f"data file {uri} does not exist")
-        with fs.open_input_stream(path) as f:
-            data = f.read()
+        data = read_bytes(fs, path)
         self.digest.update(uri.encode() + b"\0" + data)
         self.files.append(uri)
         return data
