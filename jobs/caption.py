@@ -314,6 +314,9 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
 
     cfg = plan.config
     lo, hi = cfg.replica_range()
+    resources = ray.cluster_resources()
+    has_gpus = resources.get("GPU", 0) > 0
+    _check_cpus_left_for_preprocessing(cfg, resources)  # before the listing goes into the object store
     listing = pa.Table.from_pylist(rows, schema=pa.schema(list(LISTING_SCHEMA) + list(plan.extra_fields)))
     # One block per engine batch: a block is the unit Ray retries, so when an engine actor dies only the
     # batches it was working on are retried (and, past --engine-retries, recorded as errors).
@@ -333,9 +336,6 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
             # Data from fusing this stage into the engine actors: fused, the GPU actor would decode images.
             ray_remote_args_fn=_spread,
         )
-    resources = ray.cluster_resources()
-    has_gpus = resources.get("GPU", 0) > 0
-    _check_cpus_left_for_preprocessing(cfg, resources)
     engine = cfg.engine
     if engine == "auto":
         engine = "lmdeploy" if has_gpus and _lmdeploy_installed() else "transformers"
@@ -374,19 +374,19 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
 
 
 def _check_cpus_left_for_preprocessing(cfg: CaptionJobConfig, resources: dict) -> None:
-    """Each engine actor holds one CPU for its whole life; the prepare tasks need at least one more. With
+    """Each engine actor holds ENGINE_ACTOR_CPUS for its whole life; the prepare tasks need at least one more. With
     none left the job waits for ever without a word (seen: --replicas 2 on a 2-CPU machine), so on a
     fixed-size instance that is a usage error, and on a cluster (which may autoscale) a warning."""
     from jobs.caption_runtime import LOCAL, ray_address
 
     cpus = resources.get("CPU", 0)
     _, most = cfg.replica_range()
-    if cpus >= most + 1:
+    if cpus >= most * ENGINE_ACTOR_CPUS + 1:
         return
-    message = (f"--replicas {cfg.replicas} engine actors take {most} of the {cpus:g} CPUs Ray has, leaving none "
-               "to read and decode images")
+    message = (f"--replicas {cfg.replicas} engine actors take {most * ENGINE_ACTOR_CPUS:g} of the {cpus:g} CPUs Ray "
+               "has, leaving none to read and decode images")
     if ray_address(cfg.ray_address, os.environ) == LOCAL:
-        raise UsageError(f"{message}: use --replicas {max(1, int(cpus) - 1)} or fewer here")
+        raise UsageError(f"{message}: use --replicas {max(1, int((cpus - 1) // ENGINE_ACTOR_CPUS))} or fewer here")
     logger.warning("%s; the job waits until the cluster adds CPUs", message)
 
 
@@ -436,6 +436,9 @@ def engine_options_for(cfg: CaptionJobConfig, engine: str, has_gpus: bool) -> di
     return options
 
 
+ENGINE_ACTOR_CPUS = 1  # what an engine actor holds while it lives (the engine loop; the GPU does the rest)
+
+
 def _engine_resources(gpus: float, tp: int) -> dict:
     """Ray resources of one engine actor.
 
@@ -445,8 +448,8 @@ def _engine_resources(gpus: float, tp: int) -> dict:
     GPUs itself would make lmdeploy wait for `tp` more.
     """
     if tp <= 1:
-        return {"num_gpus": gpus, "num_cpus": 1}
-    return {"num_gpus": 0, "num_cpus": 1, "ray_remote_args_fn": lambda: _tp_placement(tp)}
+        return {"num_gpus": gpus, "num_cpus": ENGINE_ACTOR_CPUS}
+    return {"num_gpus": 0, "num_cpus": ENGINE_ACTOR_CPUS, "ray_remote_args_fn": lambda: _tp_placement(tp)}
 
 
 def _tp_placement(tp: int) -> dict:
