@@ -17,8 +17,7 @@ const state = {
   history: [],        // OpenAI messages of the turns that were answered
   attachments: [],    // prepared images waiting in the composer
   preparing: 0,       // images still being read or downscaled
-  controller: null,   // AbortController of the running answer
-  chat: 0,            // which conversation this is: New chat counts up, so a late answer cannot join the next
+  controller: null,   // AbortController of the running answer (New chat drops it: a late answer joins nothing)
 };
 
 const el = {
@@ -334,9 +333,10 @@ async function ask() {
   autosize();
 
   const answer = renderAnswer();
-  const chat = state.chat;
   const controller = new AbortController();
   state.controller = controller;
+  // Still this conversation's answer: neither New chat nor a later question has replaced it.
+  const current = () => state.controller === controller;
   setBusy(true);
   const started = performance.now();
   const seconds = () => (performance.now() - started) / 1000;
@@ -344,9 +344,9 @@ async function ask() {
     const result = await streamChat({ ...requestOptions(), messages: [...systemMessages(), ...state.history, userMessage] },
       { key: state.key, signal: controller.signal, onText: (piece) => answer.append(piece) });
     answer.finished(result, seconds());
-    if (chat === state.chat) state.history.push(userMessage, { role: "assistant", content: result.text });
+    if (current()) state.history.push(userMessage, { role: "assistant", content: result.text });
   } catch (error) {
-    if (chat !== state.chat) {
+    if (!current()) {
       // New chat stopped it: that conversation is gone, nothing of it is kept
     } else if (error.name === "AbortError") {
       answer.stopped(seconds());
@@ -364,7 +364,7 @@ async function ask() {
       if (error.status === 401) askForKey("This server needs an API key.");
     }
   } finally {
-    if (state.controller === controller) {
+    if (current()) {
       state.controller = null;
       setBusy(false);
     }
@@ -379,7 +379,6 @@ function setBusy(busy) {
 }
 
 function newChat() {
-  state.chat += 1;
   if (state.controller) state.controller.abort();
   state.controller = null;
   setBusy(false);
