@@ -85,6 +85,7 @@ def run_finetune(settings: Settings, strategy: str) -> dict:
     from jobs.finetune import main, setup
     from jobs.finetune_config import FinetuneConfig
     from raylens.training.checkpoint import HISTORY_FILE, latest_checkpoint
+    from raylens.training.loop import read_history
 
     started = time.perf_counter()
     config = FinetuneConfig(
@@ -99,7 +100,7 @@ def run_finetune(settings: Settings, strategy: str) -> dict:
     summary = main(plan)
     if summary["error"]:
         return {"error": summary["error"], "wall_s": time.perf_counter() - started}
-    history = [json.loads(line) for line in (Path(latest_checkpoint(plan.out_fs, plan.out_root)) / HISTORY_FILE).open()]
+    history = read_history(str(Path(latest_checkpoint(plan.out_fs, plan.out_root)) / HISTORY_FILE))
     per_step = [(m["elapsed_s"], m["samples"], m["tokens"]) for m in history]
     samples_per_s, tokens_per_s, measured = _steady(per_step, settings.warmup_steps)
     last = history[-1]

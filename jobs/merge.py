@@ -67,7 +67,7 @@ def _copy_down(fs: pafs.FileSystem, checkpoint: str, into: Path) -> Path:
     return into
 
 
-def resolve_base(description: dict, model: str | None, s3: S3Settings, *, check_fingerprint: bool = True) -> str:
+def resolve_base(description: dict, model: str | None, s3: S3Settings) -> str:
     """The base model's local directory: `model` when given, else the run's; its fingerprint checked."""
     from raylens.checkpoints.resolve import resolve_model
 
@@ -77,7 +77,7 @@ def resolve_base(description: dict, model: str | None, s3: S3Settings, *, check_
         model_dir = str(resolve_model(name, filesystem=s3.filesystem() if str(name or "").startswith("s3://") else None))
     except (FileNotFoundError, RuntimeError) as exc:
         raise MergeError(f"base model: {exc} (pass --model where it is now)") from None
-    if check_fingerprint and model_fingerprint(model_dir) != recorded["fingerprint"]:
+    if model_fingerprint(model_dir) != recorded["fingerprint"]:
         raise MergeError(f"the base model at {model_dir} is not the one the run was trained from (its weights' "
                          f"fingerprint differs from {recorded['fingerprint'][:12]}...); pass --model with the right one")
     return model_dir
@@ -90,7 +90,6 @@ def merge_checkpoint(checkpoint_dir: str | os.PathLike, base_dir: str, out_dir: 
     import torch
     from safetensors.torch import load_file
 
-    from raylens.checkpoints.formats import read_model_spec
     from raylens.checkpoints.loading import load_hf_model
     from raylens.checkpoints.tiny import save_original
     from raylens.training.lora import TrainableSpec, merge_trained
@@ -98,13 +97,12 @@ def merge_checkpoint(checkpoint_dir: str | os.PathLike, base_dir: str, out_dir: 
     checkpoint = Path(checkpoint_dir)
     description = json.loads((checkpoint / RUN_FILE).read_text())
     state = TrainingState.from_json((checkpoint / STATE_FILE).read_text())
-    base_spec = read_model_spec(base_dir)
     model, tokenizer, spec = load_hf_model(base_dir, dtype=torch.float32)
     merged = merge_trained(model, TrainableSpec.from_dict(description["trainable"]), load_file(checkpoint / WEIGHTS_FILE))
     out = Path(out_dir)
-    save_dtype = dtype or base_spec.torch_dtype
+    save_dtype = dtype or spec.torch_dtype
     save_original(merged, tokenizer, out, template=spec.template, max_tiles=description["tiling"]["max_tiles"],
-                  llm_architecture=_llm_architecture(spec), dtype=save_dtype)
+                  llm_architecture=spec.llm_architecture, dtype=save_dtype)  # InternLM2 stays InternLM2, re-fused
     _copy_tokenizer_files(Path(base_dir), out)
     _carry_config(Path(base_dir), out)
     if write_info:
@@ -113,11 +111,6 @@ def merge_checkpoint(checkpoint_dir: str | os.PathLike, base_dir: str, out_dir: 
                 "raylens_version": description.get("raylens_version"), "dtype": save_dtype}
         (out / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return out
-
-
-def _llm_architecture(spec) -> str:
-    """The LLM class the original format names: the base's own (InternLM2 stays InternLM2, re-fused)."""
-    return spec.llm_architecture
 
 
 def _copy_tokenizer_files(base: Path, out: Path) -> None:
@@ -145,7 +138,7 @@ def _carry_config(base: Path, out: Path) -> None:
 
 
 def merge(run_dir: str, output: str, *, model: str | None = None, dtype: str | None = None,
-          overwrite: bool = False, s3: S3Settings | None = None, check_fingerprint: bool = True) -> dict:
+          overwrite: bool = False, s3: S3Settings | None = None) -> dict:
     """Merge the checkpoint `run_dir` names (see `find_checkpoint`) into `output`; returns what was done."""
     s3 = s3 or S3Settings()
     run_fs, run_path = resolve_filesystem(run_dir, s3)
@@ -157,7 +150,7 @@ def merge(run_dir: str, output: str, *, model: str | None = None, dtype: str | N
     with tempfile.TemporaryDirectory(prefix="raylens-merge-") as tmp:
         local_checkpoint = _copy_down(run_fs, checkpoint, Path(tmp))
         description = json.loads((local_checkpoint / RUN_FILE).read_text())
-        base_dir = resolve_base(description, model, s3, check_fingerprint=check_fingerprint)
+        base_dir = resolve_base(description, model, s3)
         if existing:
             out_fs.delete_dir_contents(out_path)
         if isinstance(out_fs, pafs.LocalFileSystem):

@@ -390,6 +390,7 @@ def train(args: argparse.Namespace, dims: DemoDims, work_dir: Path) -> dict:
     from jobs.finetune import main as finetune_main
     from jobs.finetune import setup as finetune_setup
     from raylens.training.checkpoint import HISTORY_FILE, latest_checkpoint
+    from raylens.training.loop import read_history
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -406,10 +407,10 @@ def train(args: argparse.Namespace, dims: DemoDims, work_dir: Path) -> dict:
     if summary["error"] or not summary["completed"]:
         raise SystemExit(f"stage 2 failed: {summary['error']}")
     checkpoint = Path(latest_checkpoint(plan.out_fs, plan.out_root))
-    history = [json.loads(line) for line in (checkpoint / HISTORY_FILE).open()]
+    history = read_history(str(checkpoint / HISTORY_FILE))
     recent = [m["loss"] for m in history[-args.log_every:]]
     return dict(model=model, tokenizer=tokenizer, n_params=n_params, vision_loss=vision_loss,
-                final_loss=sum(recent) / len(recent), checkpoint=checkpoint, init_dir=init_dir, history=history,
+                final_loss=sum(recent) / len(recent), checkpoint=checkpoint, init_dir=init_dir,
                 train_s=stage1_wall + history[-1]["elapsed_s"],
                 train_cpu_s=stage1_cpu + history[-1]["worker_cpu_s"])
 
