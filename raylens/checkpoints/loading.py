@@ -56,6 +56,14 @@ def _resolve_dtype(dtype: torch.dtype | str, spec: ModelSpec) -> torch.dtype:
     return value
 
 
+def compute_dtype(name: str | None, device_type: str) -> torch.dtype:
+    """The dtype to run a model in: `name` ("bfloat16", ...), or for None and "auto" bfloat16 on CUDA and
+    float32 elsewhere (CPUs have no fast bfloat16 matmul). Shared by inference and training."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def _token_id(tokenizer, token: str, model_dir: Path) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:

@@ -57,11 +57,11 @@ class TransformersEngine:
     ) -> None:
         import torch
 
-        from raylens.checkpoints.loading import load_hf_model, stop_token_ids
+        from raylens.checkpoints.loading import compute_dtype, load_hf_model, stop_token_ids
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        torch_dtype = compute_dtype(dtype, device.split(":")[0])
         self._torch = torch
         self.model, self.tokenizer, self.spec = load_hf_model(model_dir, dtype=torch_dtype, device=device)
         self.model.eval()

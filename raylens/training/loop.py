@@ -95,14 +95,6 @@ class LoopSettings:
     output_root: str = ""
 
 
-def resolve_dtype(name: str, device_type: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def _no_split_classes(model) -> set[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(getattr(base, "_no_split_modules", None) or ())
@@ -171,7 +163,7 @@ def train_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from raylens.checkpoints.loading import load_hf_model
+    from raylens.checkpoints.loading import compute_dtype, load_hf_model
     from raylens.checkpoints.resolve import resolve_model
     from raylens.fetch import UrlFetcher
     from raylens.sources import SourceFilesystems
@@ -186,7 +178,7 @@ def train_worker(loop_config: dict) -> None:
     if s.threads:
         torch.set_num_threads(s.threads)
     device = ray.train.torch.get_device()
-    dtype = resolve_dtype(s.dtype, device.type)
+    dtype = compute_dtype(s.dtype, device.type)
     fsdp = s.strategy == "fsdp" and dist.is_initialized()  # one worker too: a 1-rank FSDP is a real FSDP run
     print(f"worker {rank}/{world}: pid {os.getpid()}, device {device}, {torch.get_num_threads()} threads", flush=True)
 
