@@ -187,17 +187,26 @@ def run_contender(name: str, settings: Settings) -> dict:
 
 
 def run_in_subprocess(name: str, settings: Settings, timeout_s: float) -> dict:
+    """Run one contender in a process of its own; its whole output goes to WORKDIR/NAME.log, whose tail an error
+    row carries (a timed-out contender's log says how far it got)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(asdict(settings), f)
     command = [sys.executable, "-m", "bench.finetune_compare", "run", name, f.name]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    log = Path(settings.workdir) / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        try:
+            proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:.0f} s; the end of {log}: {_tail(log)}"}
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("RESULT ")]
     if not lines:
-        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
+        return {"error": f"exit {proc.returncode}: {_tail(log)}"}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _tail(log: Path, chars: int = 1500) -> str:
+    return log.read_text(errors="replace")[-chars:]
 
 
 def table(results: dict) -> str:

@@ -16,7 +16,10 @@ raylens imports on machines without CUDA. Facts this relies on (notes/lmdeploy.m
   image_token_id; one entry per image of a conversation). `preprocess="lmdeploy"` sends PIL images
   through lmdeploy's own path (a comparison mode: it cannot leave out the system turn per request);
 * `stream` and `generate` read the same async output (`raylens.engines.text.AnswerText` makes the text), so
-  a stream adds up to what generate returns. lmdeploy turns stop *words* into every token that contains
+  a stream adds up to what generate returns. The final text is decoded here from the generated token ids,
+  as the transformers engine decodes it: lmdeploy's own `response` text drops a tail that ends inside a
+  UTF-8 character (an answer cut by max_tokens mid-character came back empty from `generate`, and a stream
+  whose every step ended so lost the rest of its answer; seen on the GPU with a random-weight model). lmdeploy turns stop *words* into every token that contains
   them, so OpenAI stop strings are matched here on the text, and the request is aborted (closing lmdeploy's
   generator cancels its session) once one appears;
 * lmdeploy's own `RequestError`s map onto ours: a bad request or one too long for the session is a
@@ -206,11 +209,12 @@ class LMDeployEngine:
         _quiet_host_memory_housekeeping(self._engine, memory_trim_every)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.preprocess = preprocess
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
         if preprocess == "raylens":
             import torch
-            from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
             self._image_token_id = self._tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
             self._feature_dtype = getattr(torch, self.spec.torch_dtype, torch.bfloat16)
             self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="raylens-prep")
@@ -233,6 +237,9 @@ class LMDeployEngine:
         )
         logger.info("KV cache: %.3f of the %.1f GiB free on the GPU (asked: %.3f)", capped, free_bytes / 2**30, fraction)
         return capped
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _ensure_started(self) -> None:
         if self._engine is None:
@@ -338,10 +345,12 @@ class LMDeployEngine:
         read token by token even for `generate`, so generation can be cut where one appears."""
         answer = AnswerText(params.stop)
         n_in, n_out, text, reason = prepared.input_token_len, 0, "", None
+        token_ids: list[int] = []
         outputs = self._engine.generate(prepared, stream_response=stream or bool(params.stop))
         try:
             async for out in outputs:
-                text += out.response
+                text += out.response  # lmdeploy's incremental text: cheap, and enough while streaming
+                token_ids += out.token_ids or []  # each step's new ids, the stop token left out
                 n_out, reason = out.generate_token_len, out.finish_reason
                 visible = answer.update(text)
                 if answer.stopped:
@@ -365,7 +374,7 @@ class LMDeployEngine:
             yield VLDelta(req.request_id, "", n_in, n_out, finish_reason="error",
                           error=f"EngineError: lmdeploy ended the request with finish_reason={reason}")
             return
-        yield VLDelta(req.request_id, answer.finish(text), n_in, n_out, finish_reason=reason)
+        yield VLDelta(req.request_id, answer.finish(self._decode(token_ids)), n_in, n_out, finish_reason=reason)
 
     async def stream(self, request: VLRequest, params: SamplingParams) -> AsyncIterator[VLDelta]:
         self._ensure_started()

@@ -149,6 +149,43 @@ def test_lmdeploy_conversations_streams_stops_and_errors(tmp_path, llm, preproce
         lm.close()
 
 
+def test_answers_cut_inside_a_character_keep_their_text(tmp_path):
+    """Random weights emit byte tokens that are not whole UTF-8 characters, so max_tokens often ends an answer
+    inside one. lmdeploy's own response text dropped such a tail (generate returned "" for it, and a stream
+    whose steps all ended so lost the rest): the engine decodes the token ids itself. At every length the
+    answer grows from the shorter one, and the stream adds up to it."""
+    from raylens.checkpoints.tiny import write_tiny_checkpoint
+    from raylens.engines.lmdeploy_engine import LMDeployEngine
+
+    ckpt = str(write_tiny_checkpoint(tmp_path / "tiny", format="internvl_chat", llm="qwen2", seed=1, max_tiles=4))
+    lm = LMDeployEngine(ckpt, max_batch_size=16, eager_mode=True, cache_max_entry_count=0.2)
+    images = [image_bytes((64, 48)), image_bytes((300, 100), (0, 0, 255))]
+
+    async def texts() -> dict[int, list[str]]:
+        out = {}
+        for n in range(1, 25):
+            params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+            requests = _requests(lm.spec, images, 4, "Describe the image.")
+            answers = await lm.generate(requests, params)
+            assert all(a.error is None and a.num_output_tokens == n for a in answers)
+            for request, answer in zip(requests, answers):
+                streamed, last = await _stream_text(lm, request, params)
+                assert streamed == answer.text and last.num_output_tokens == n
+            out[n] = [a.text for a in answers]
+        return out
+
+    try:
+        by_length = asyncio.run(texts())
+    finally:
+        lm.close()
+    for i in range(len(images)):
+        full = by_length[24][i]
+        for n in range(2, 25):
+            shorter, text = by_length[n - 1][i].rstrip("\ufffd"), by_length[n][i]
+            assert full.startswith(text.rstrip("\ufffd")) and len(text) >= len(shorter), (n, shorter, text)
+    assert any(t.endswith("\ufffd") for ts in by_length.values() for t in ts), "no answer ended inside a character"
+
+
 def test_demo_model_stops_where_the_transformers_engine_stops():
     from raylens.engines.lmdeploy_engine import LMDeployEngine
     from raylens.engines.transformers_engine import TransformersEngine
@@ -180,7 +217,9 @@ def _save_hf_processor(ckpt) -> None:
     image_processor = GotOcr2ImageProcessorFast(size={"height": spec.tile_size, "width": spec.tile_size},
                                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
                                                 min_patches=spec.min_tiles, max_patches=spec.max_tiles)
-    processor = InternVLProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(str(ckpt)),
+    # The official -hf tokenizers name a video token too (InternVLProcessor reads it); ours names the image ones.
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt), extra_special_tokens={"video_token": "<video>"})
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                   video_processor=InternVLVideoProcessor(), chat_template=HF_CHAT_TEMPLATE,
                                   image_seq_length=spec.image_tokens_per_tile)
     processor.save_pretrained(str(ckpt))
