@@ -353,10 +353,10 @@ class LMDeployEngine:
                 token_ids += out.token_ids or []  # each step's new ids, the stop token left out
                 n_out, reason = out.generate_token_len, out.finish_reason
                 visible = answer.update(text)
+                if visible:  # before stopping too: the text up to a stop string is part of the answer
+                    yield VLDelta(req.request_id, visible, n_in, n_out)
                 if answer.stopped:
                     break
-                if visible:
-                    yield VLDelta(req.request_id, visible, n_in, n_out)
         except Exception as exc:  # lmdeploy reports a failed request by raising at the end
             mapped = _our_error(exc)
             if isinstance(mapped, EngineDeadError):

@@ -129,10 +129,10 @@ class TransformersEngine:
                 if item in self._stop_ids:
                     break
                 text = answer.update(self._decode(tokens))
+                if text:  # before stopping too: the text up to a stop string is part of the answer
+                    yield VLDelta(request.request_id, text, n_in, len(tokens))
                 if answer.stopped:
                     break
-                if text:
-                    yield VLDelta(request.request_id, text, n_in, len(tokens))
             stopped = answer.stopped or (bool(tokens) and tokens[-1] in self._stop_ids)
             kept = tokens[:-1] if tokens and tokens[-1] in self._stop_ids else tokens
             rest = answer.finish(self._decode(kept))

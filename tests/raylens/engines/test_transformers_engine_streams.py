@@ -242,5 +242,12 @@ def test_demo_model_concurrent_captions_end_on_their_own_stop_tokens_and_strings
         _assert_same_answer(streamed[0], captions[0])
         _assert_same_answer(streamed[1], cut)
         _assert_same_answer(streamed[2], captions[2])
+
+        # A stop string inside a token: that token also brings the text before the stop, which is kept.
+        inside = SamplingParams(max_new_tokens=48, stop=("lue",))
+        cut = _solo(eng, reqs[1], inside)
+        assert cut.text == captions[1].text.split("lue")[0] == "a b"
+        streamed, _ = _streams(eng, [(reqs[0], params), (reqs[1], inside), (reqs[2], params)])
+        _assert_same_answer(streamed[1], cut)
     finally:
         eng.close()
