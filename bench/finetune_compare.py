@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 CONTENDERS = ("raylens", "plain", "fsdp")
@@ -116,6 +116,8 @@ def run_plain(settings: Settings) -> dict:
 
     from raylens.checkpoints.loading import load_hf_model
     from raylens.training.lora import TrainableSpec, lora_config
+    from jobs.finetune_config import FinetuneConfig
+    from raylens.training.optim import lr_at
     from raylens.training.records import read_training_data
     from raylens.training.samples import SampleEncoder, collate
 
@@ -145,6 +147,11 @@ def run_plain(settings: Settings) -> dict:
         prefetch_factor=2 if settings.loader_workers else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+    # jobs.finetune's default schedule (linear warm-up, then cosine to 0), so the losses compare too
+    warmup_ratio = next(f.default for f in fields(FinetuneConfig) if f.name == "warmup_ratio")
+    warmup = math.ceil(warmup_ratio * settings.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, settings.steps, settings.lr, warmup) / settings.lr)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -163,6 +170,7 @@ def run_plain(settings: Settings) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         last_loss = loss.item()  # the host waits for the step, as a training loop that logs does
         samples += batch["num_samples"]
