@@ -8,8 +8,8 @@ same rows. `run_identity` records, in `_manifest.json`:
   modification times of the images (a directory) or of the shards (WebDataset), the bytes of the
   manifest files (a manifest rewritten with other rows of the same count differs; the same rows saved
   again do not);
-* the model: a hash of its files' content (small files whole; large weight files by size and 16 sampled
-  64 KiB windows, which a fine-tune or a merged LoRA changes), whatever path or URI named it;
+* the model: a hash of its files' content (`raylens.checkpoints.fingerprint`: small files whole, large weight
+  files by size and sampled windows, which a fine-tune or a merged LoRA changes), whatever path or URI named it;
 * the settings that change an answer: prompts (or the question column), sampling, the tiling actually
   used (`--max-tiles` or the checkpoint's), `--max-pixels`, `--allowed-domains`, the image column, and the
   decoding options (`--fast-jpeg-decode`, `--alpha-background`).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from pathlib import Path
 from typing import Sequence
 
 from urllib.parse import unquote_to_bytes
@@ -35,13 +34,10 @@ import pyarrow.fs as pafs
 
 from jobs.caption_config import CaptionJobConfig
 from jobs.caption_output import Location
+from raylens.checkpoints.fingerprint import model_fingerprint
 from raylens.images import TilingSpec
 from raylens.sources import InputItem, InputListing
 
-_SAMPLE_WINDOWS = 16
-_WINDOW = 64 * 1024
-_HASH_WHOLE_BELOW = 16 * 1024 * 1024
-_SKIPPED_MODEL_PARTS = {".git", ".cache", "__pycache__", ".raylens-complete"}
 # A manifest row's id: "<manifest path relative to --input>:<row>" (raylens.sources).
 _MANIFEST_ID = re.compile(r"^(?P<file>.+):\d+$")
 
@@ -226,26 +222,3 @@ def _content_sha256(fs: pafs.FileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------------- model
-def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """A hash of a checkpoint directory's content, cheap for GB-sized weights (module docstring)."""
-    root = Path(model_dir)
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not (_SKIPPED_MODEL_PARTS & set(p.relative_to(root).parts)))
-    for path in files:
-        h.update(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape") + b"\0")
-        h.update(_file_digest(path))
-    return h.hexdigest()
-
-
-def _file_digest(path: Path) -> bytes:
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= _HASH_WHOLE_BELOW:
-            h.update(f.read())
-        else:
-            for i in range(_SAMPLE_WINDOWS):
-                f.seek((size - _WINDOW) * i // (_SAMPLE_WINDOWS - 1))
-                h.update(f.read(_WINDOW))
-    return h.digest()

@@ -65,7 +65,8 @@ def setup(config: FinetuneConfig, env: dict[str, str] | None = None, *, source=N
     called on rank 0 after every step (see LoopSettings)."""
     from raylens.checkpoints.formats import CheckpointError, read_model_spec
     from raylens.checkpoints.resolve import resolve_model
-    from raylens.training.checkpoint import model_fingerprint, raylens_version
+    from raylens.checkpoints.fingerprint import model_fingerprint
+    from raylens.training.checkpoint import raylens_version
     from raylens.training.loader import RecordSource
     from raylens.training.loop import LoopSettings, total_steps_for
     from raylens.sources import ReadRoots

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from raylens.checkpoints.fingerprint import model_fingerprint
 from raylens.storage import S3Settings, resolve_filesystem
 from raylens.training.checkpoint import (
     RUN_FILE,
@@ -32,7 +33,6 @@ from raylens.training.checkpoint import (
     WEIGHTS_FILE,
     TrainingState,
     list_checkpoints,
-    model_fingerprint,
 )
 
 MERGE_INFO_FILE = "raylens_finetune.json"

@@ -20,13 +20,11 @@ refuses a base model whose fingerprint differs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -60,22 +58,6 @@ def raylens_version() -> str:
         return version("raylens")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown"
-
-
-def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 over the checkpoint's config.json and weight files (names and bytes, sorted by name)."""
-    root = Path(model_dir)
-    digest = hashlib.sha256()
-    files = sorted(p for p in root.iterdir() if p.is_file() and (
-        p.name == "config.json" or p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")))
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise FileNotFoundError(f"{root} has no .safetensors weights to fingerprint")
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -18,7 +18,8 @@ from jobs.merge import MERGE_INFO_FILE, merge, run
 from raylens.checkpoints.convert import fuse_internlm2_wqkv, split_internlm2_wqkv
 from raylens.checkpoints.loading import load_hf_model
 from raylens.checkpoints.tiny import write_tiny_checkpoint
-from raylens.training.checkpoint import RUN_FILE, STATE_FILE, WEIGHTS_FILE, TrainingState, model_fingerprint
+from raylens.checkpoints.fingerprint import model_fingerprint
+from raylens.training.checkpoint import RUN_FILE, STATE_FILE, WEIGHTS_FILE, TrainingState
 from raylens.training.lora import TrainableSpec, make_trainable, trainable_state
 
 
