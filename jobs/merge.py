@@ -102,9 +102,9 @@ def merge_checkpoint(checkpoint_dir: str | os.PathLike, base_dir: str, out_dir: 
     out = Path(out_dir)
     save_dtype = dtype or spec.torch_dtype
     save_original(merged, tokenizer, out, template=spec.template, max_tiles=description["tiling"]["max_tiles"],
-                  llm_architecture=spec.llm_architecture, dtype=save_dtype)  # InternLM2 stays InternLM2, re-fused
+                  llm_architecture=spec.llm_architecture, dtype=save_dtype,  # InternLM2 stays InternLM2, re-fused
+                  system_message=spec.config_system_message)
     _copy_tokenizer_files(Path(base_dir), out)
-    _carry_config(Path(base_dir), out)
     if write_info:
         info = {"base_model": description["base_model"], "checkpoint_step": state.step,
                 "trainable": description["trainable"], "tiling": description["tiling"],
@@ -119,22 +119,6 @@ def _copy_tokenizer_files(base: Path, out: Path) -> None:
         for path in base.glob(pattern):
             if path.is_file():
                 shutil.copy2(path, out / path.name)
-
-
-def _carry_config(base: Path, out: Path) -> None:
-    """Settings of the base config that the converter does not know about (e.g. `system_message`)."""
-    from raylens.checkpoints.formats import SIDECAR_FILE
-
-    base_config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    sidecar = base / SIDECAR_FILE
-    extra = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    message = base_config.get("system_message", extra.get("system_message"))
-    if message is None:
-        return
-    path = out / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["system_message"] = message
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def merge(run_dir: str, output: str, *, model: str | None = None, dtype: str | None = None,

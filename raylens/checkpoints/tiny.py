@@ -353,18 +353,22 @@ def _generation_config(model) -> GenerationConfig:
 
 
 def save_original(model: InternVLForConditionalGeneration, tokenizer, out_dir, *, template: str, max_tiles: int,
-                  llm_architecture: str, dtype: torch.dtype | str = torch.bfloat16) -> Path:
+                  llm_architecture: str, dtype: torch.dtype | str = torch.bfloat16,
+                  system_message: str | None = None) -> Path:
     """Write `model` in the InternVL2 hub layout lmdeploy loads with trust_remote_code=True.
 
     Files: config.json (with auto_map), our configuration_*.py, model.safetensors (or shards) in `dtype`,
     tokenizer files (with chat template), generation_config.json. `llm_architecture` is the LLM to store:
-    "Qwen2ForCausalLM" or "InternLM2ForCausalLM" (q/k/v fused into wqkv).
+    "Qwen2ForCausalLM" or "InternLM2ForCausalLM" (q/k/v fused into wqkv). `system_message`, when given, goes
+    into config.json, where InternVL's `chat()` prefers it to the template's (a merge keeps its base's).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = _as_dtype(dtype)
     config = original_config_from_hf(model.config, template=template, max_tiles=max_tiles,
                                      llm_architecture=llm_architecture, torch_dtype=dtype)
+    if system_message is not None:
+        config["system_message"] = system_message
     state = hf_to_original_state_dict(model.state_dict(), model.config, llm_architecture=llm_architecture)
     write_safetensors({k: v.detach().to(device="cpu", dtype=dtype) for k, v in state.items()}, out)
     del state

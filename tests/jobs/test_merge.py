@@ -121,6 +121,22 @@ def test_merged_model_loads_and_captions_like_any_checkpoint(tmp_path, tiny_chec
     assert not torch.equal(dict(model.named_parameters())[name], dict(base_model.named_parameters())[name])
 
 
+@pytest.mark.parametrize("fmt", ["internvl_chat", "internvl_hf"])
+def test_the_base_models_system_message_is_kept(tmp_path, fmt):
+    """InternVL's chat() prefers config.json's system_message to the template's: a merge keeps the base's, read
+    from config.json (original format) or from raylens.json (-hf format)."""
+    from raylens.checkpoints.formats import SIDECAR_FILE, ModelSpec
+
+    base = write_tiny_checkpoint(tmp_path / "base", format=fmt, seed=4)
+    holder = base / ("config.json" if fmt == "internvl_chat" else SIDECAR_FILE)
+    settings = json.loads(holder.read_text())
+    holder.write_text(json.dumps({**settings, "system_message": "You describe shapes."}))
+    run_dir = make_run(tmp_path, base, TrainableSpec(lora_r=2, lora_alpha=4))
+    merge(str(run_dir), str(tmp_path / "merged"))
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["system_message"] == "You describe shapes."
+    assert ModelSpec.from_dir(tmp_path / "merged").system_message == "You describe shapes."
+
+
 def test_one_checkpoint_and_refusals(tmp_path, tiny_checkpoint):
     run_dir = make_run(tmp_path, tiny_checkpoint, TrainableSpec(lora_r=2, lora_alpha=4), steps=(2, 4))
     done = merge(str(run_dir / "checkpoint_000002"), str(tmp_path / "two"))
