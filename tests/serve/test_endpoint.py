@@ -448,3 +448,11 @@ def test_load_benchmark_quick_mode_runs_against_the_endpoint(endpoint, tmp_path)
         assert row["mean_output_tokens"] == 4  # ignore_eos: exactly max_tokens
         assert row["ttft_p50_s"] is not None and row["ttft_p50_s"] <= row["latency_p50_s"]
     assert json.loads((tmp_path / "r.json").read_text())["contenders"]["endpoint"]["levels"] == levels
+
+
+def test_ttft_split_measures_both_sides(endpoint):
+    """bench/ttft_split.py (where the endpoint's time to first token goes) against the demo endpoint."""
+    from bench.ttft_split import main
+
+    rows = main(["--url", endpoint, "--api-key", KEY, "--requests", "3", "--warmup", "1"])
+    assert [len(v) for v in rows.values()] == [2, 2] and all(t > 0 for v in rows.values() for t in v)
