@@ -5,8 +5,8 @@ engine in this process and against a running endpoint.
     serve run serve/config.yaml &                                      # the demo model on CPU
     python -m bench.ttft_split --url http://127.0.0.1:8000 --requests 40
 
-Both sides get the same image and prompt, the same engine settings as serve/config.yaml's defaults and the
-same 8 greedy tokens; the engine side includes decoding and preparing the image, as the ingress does. The
+Both sides get the same image and prompt, the same engine (`--engine`) with serve/config.yaml's batching
+defaults and the same 8 greedy tokens; the engine side includes decoding and preparing the image, as the ingress does. The
 first `--warmup` requests of each side are left out. Prints the p50 and minimum of each and their difference.
 """
 from __future__ import annotations
@@ -22,13 +22,15 @@ IMAGE = Path(__file__).resolve().parents[1] / "examples" / "images" / "blue_star
 PROMPT = "Provide a one-sentence caption for the provided image."
 
 
-def engine_ttfts(model: str, n: int, max_tokens: int) -> list[float]:
+def engine_ttfts(model: str, n: int, max_tokens: int, engine_name: str = "transformers") -> list[float]:
     from raylens.engines import create_engine
     from raylens.engines.base import SamplingParams, VLRequest
     from raylens.images import decode_image, prepare_image
 
     data = IMAGE.read_bytes()
-    engine = create_engine("transformers", model, max_batch_size=8, batch_wait_timeout_s=0.01)
+    # lmdeploy: a small KV cache, as the endpoint's engine already holds most of the GPU's memory
+    options = {"batch_wait_timeout_s": 0.01} if engine_name == "transformers" else {"cache_max_entry_count": 0.05}
+    engine = create_engine(engine_name, model, max_batch_size=8, **options)
 
     async def run() -> list[float]:
         out = []
@@ -79,12 +81,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     p = argparse.ArgumentParser(prog="python -m bench.ttft_split", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True, help="a running endpoint serving --model, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=str(DEMO_MODEL_DIR), help="the checkpoint the endpoint serves (default: the demo)")
+    p.add_argument("--engine", default="transformers", choices=["transformers", "lmdeploy"],
+                   help="the engine the endpoint runs, built here for the in-process side (lmdeploy: on the GPU)")
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--api-key", default="none")
     args = p.parse_args(argv)
-    rows = {"engine in this process": engine_ttfts(args.model, args.requests, args.max_tokens)[args.warmup:],
+    rows = {"engine in this process": engine_ttfts(args.model, args.requests, args.max_tokens, args.engine)[args.warmup:],
             "endpoint": endpoint_ttfts(args.url, args.requests, args.max_tokens, args.api_key)[args.warmup:]}
     for name, values in rows.items():
         print(f"{name}: TTFT p50 {statistics.median(values) * 1e3:.1f} ms, min {min(values) * 1e3:.1f} ms ({len(values)} requests)")
