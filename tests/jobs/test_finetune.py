@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -35,7 +36,7 @@ from conftest import subprocess_env
 from readme_blocks import readme_commands
 from jobs.finetune import UsageError, main, setup
 from jobs.finetune_config import FinetuneConfig
-from raylens.training.checkpoint import checkpoint_step
+from raylens.training.checkpoint import checkpoint_step, list_checkpoints
 from raylens.training.demo_data import write_shape_questions
 
 pytestmark = pytest.mark.slow  # Ray Train runs: tens of seconds on 2 cores
@@ -109,8 +110,12 @@ def _state(out: Path, step: int) -> dict | None:
 
 
 def _latest_state(out: Path) -> dict | None:
-    steps = sorted(step for p in out.glob("checkpoint_*") if (step := checkpoint_step(p.name)) is not None)
-    return next((s for s in (_state(out, step) for step in reversed(steps)) if s), None)
+    """The state of the latest *complete* checkpoint, the one a resume starts from. A checkpoint's state.json
+    can be there before its other files (Ray copies them one by one): once in CI the first command was killed
+    when the newest checkpoint's state.json was, the rerun resumed from the checkpoint before, and the starts
+    this test expects were not recorded. So the kills wait for a complete checkpoint."""
+    found = list_checkpoints(pafs.LocalFileSystem(), str(out))
+    return _state(out, found[-1][0]) if found else None
 
 
 def _qa(record_id, image, question="<image>\nWhat shape is this?", answer="a circle"):
@@ -141,7 +146,7 @@ def scenario(tmp_path_factory):
     deadline = time.monotonic() + TIMEOUT_S
 
     first = Cli(args, root / "first.log")
-    first.wait(lambda: _state(out, SAVE_EVERY), deadline, "the first checkpoint")
+    first.wait(lambda: _latest_state(out), deadline, "the first complete checkpoint")
     workers = first.wait(first.workers, deadline, "the worker processes")
     before_kill = _latest_state(out)["step"]
     os.kill(sorted(workers)[-1], signal.SIGKILL)
