@@ -6,8 +6,9 @@ engine in this process and against a running endpoint.
     python -m bench.ttft_split --url http://127.0.0.1:8000 --requests 40
 
 Both sides get the same image and prompt, the same engine (`--engine`) with serve/config.yaml's batching
-defaults and the same 8 greedy tokens; the engine side includes decoding and preparing the image, as the ingress does. The
-first `--warmup` requests of each side are left out. Prints the p50 and minimum of each and their difference.
+defaults and the same 8 greedy tokens; the engine side includes decoding and preparing the image, as the
+ingress does. The first `--warmup` requests of each side are left out. Prints the p50 and minimum of each and
+their difference.
 """
 from __future__ import annotations
 

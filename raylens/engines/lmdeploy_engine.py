@@ -19,9 +19,9 @@ raylens imports on machines without CUDA. Facts this relies on (notes/lmdeploy.m
   a stream adds up to what generate returns. The final text is decoded here from the generated token ids,
   as the transformers engine decodes it: lmdeploy's own `response` text drops a tail that ends inside a
   UTF-8 character (an answer cut by max_tokens mid-character came back empty from `generate`, and a stream
-  whose every step ended so lost the rest of its answer; seen on the GPU with a random-weight model). lmdeploy turns stop *words* into every token that contains
-  them, so OpenAI stop strings are matched here on the text, and the request is aborted (closing lmdeploy's
-  generator cancels its session) once one appears;
+  whose every step ended so lost the rest of its answer; seen on the GPU with a random-weight model).
+  lmdeploy turns stop *words* into every token that contains them, so OpenAI stop strings are matched here
+  on the text, and the request is aborted (closing lmdeploy's generator cancels its session) once one appears;
 * lmdeploy's own `RequestError`s map onto ours: a bad request or one too long for the session is a
   `RequestError`, an unavailable engine an `EngineDeadError`.
 """

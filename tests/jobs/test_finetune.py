@@ -112,8 +112,8 @@ def _state(out: Path, step: int) -> dict | None:
 def _latest_state(out: Path) -> dict | None:
     """The state of the latest *complete* checkpoint, the one a resume starts from. A checkpoint's state.json
     can be there before its other files (Ray copies them one by one): once in CI the first command was killed
-    when the newest checkpoint's state.json was, the rerun resumed from the checkpoint before, and the starts
-    this test expects were not recorded. So the kills wait for a complete checkpoint."""
+    when only the newest checkpoint's state.json had been copied, the rerun rightly resumed from the checkpoint
+    before, and the starts this test expects were not recorded. So the kills wait for a complete checkpoint."""
     found = list_checkpoints(pafs.LocalFileSystem(), str(out))
     return _state(out, found[-1][0]) if found else None
 
