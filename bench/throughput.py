@@ -84,20 +84,26 @@ def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_di
         trace = profile_dir / f"{label.replace('@', '-')}-{args['size']}-t{args['max_tiles']}.txt"
         command = ["py-spy", "record", "--subprocesses", "--rate", "20", "--format", "raw", "--output", str(trace),
                    *(["--gil"] if profile_gil else []), "--", *command]
-    with GpuMonitor(interval_ms=gpu_sample_ms) as gpu:
+    log = out.with_suffix(".log")  # the whole output; the JSON keeps only its tail
+    # Output to files, not pipes: Ray's daemons inherit them and outlive a killed contender, and reading a
+    # pipe to its end would then wait for them (a timed-out run used to hang its caller).
+    with GpuMonitor(interval_ms=gpu_sample_ms) as gpu, open(log.with_suffix(".out"), "w+") as out_f, \
+            open(log.with_suffix(".err"), "w+") as err_f:
         t = time.perf_counter()
         # Its own session, so that a contender past its time limit goes down with every process it started.
-        proc = subprocess.Popen(command,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=out_f, stderr=err_f, text=True, start_new_session=True)
+        timed_out = False
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
+            proc.wait()
             subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)  # a Ray cluster it left behind
-            stderr += f"\ntimed out after {timeout} s"
         wall = time.perf_counter() - t
-    log = out.with_suffix(".log")  # the whole output; the JSON keeps only its tail
+        out_f.seek(0)
+        err_f.seek(0)
+        stdout, stderr = out_f.read(), err_f.read() + (f"\ntimed out after {timeout} s" if timed_out else "")
     log.write_text(stdout + "\n" + stderr)
     if proc.returncode != 0 or not out.exists():  # (py-spy exits 0 whatever its child did)
         return {"contender": label, "error": (stdout[-2000:] + stderr[-4000:]), "wall_s": round(wall, 1), "log": str(log)}
