@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Sequence
 
@@ -121,6 +122,13 @@ def _keep_actor_connected_to_ray() -> None:
     RayContext.shutdown = shutdown
 
 
+def set_gil_switch_interval(ms: float) -> None:
+    """The engine process's GIL switch interval (`LMDeployEngine`'s `gil_switch_interval_ms` says why)."""
+    if not 0 < ms <= 100:
+        raise ValueError(f"gil_switch_interval_ms must be in (0, 100], got {ms}")
+    sys.setswitchinterval(ms / 1000.0)
+
+
 def _quiet_host_memory_housekeeping(async_engine, trim_every: int) -> None:
     """Keep Python's garbage collection off the engine's critical path.
 
@@ -161,6 +169,7 @@ class LMDeployEngine:
         preprocess: str = "raylens",
         preprocess_threads: int = 4,
         memory_trim_every: int = 8192,
+        gil_switch_interval_ms: float | None = None,
         **config_options: Any,
     ) -> None:
         """Keyword arguments not named here (from `--engine-args`) go to lmdeploy's `PytorchEngineConfig`
@@ -169,10 +178,17 @@ class LMDeployEngine:
         `memory_trim_every`: finished multimodal sessions between lmdeploy's gc.collect()+malloc_trim (its
         default is 128, which stalled the engine; 0 never trims; see `_quiet_host_memory_housekeeping`).
 
+        `gil_switch_interval_ms`: this process's `sys.setswitchinterval` (None leaves Python's 5 ms). The
+        engine's loop thread holds the GIL most of the time while it decodes; a preprocessing thread that
+        gives the GIL up (numpy, PIL, the tokenizer release it) waits up to a whole interval to get it
+        back, several times per request, so requests reach lmdeploy late (see `bench/results/s7`).
+
         `cache_max_entry_count` is an upper bound: it is lowered to what `max_batch_size` full-length
         sessions can fill (raylens.engines.kv_cache), unless `num_gpu_blocks` fixes the cache size."""
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+        if gil_switch_interval_ms is not None:
+            set_gil_switch_interval(gil_switch_interval_ms)
         from lmdeploy import PytorchEngineConfig
         from lmdeploy.serve.core import VLAsyncEngine
 
