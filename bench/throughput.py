@@ -11,6 +11,7 @@ the pipeline, startup) and writes the raw JSON. See bench/contenders.py for what
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -74,6 +75,21 @@ def _prompt_text_tokens(model_dir: Path, spec) -> int:
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc): what a contender started, and only that."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_dir: Path | None = None,
                   gpu_sample_ms: int = 500, profile_gil: bool = False) -> dict:
     out = workdir / f"{name.replace('@', '-')}-{args['size']}-t{args['max_tiles']}.json"
@@ -97,9 +113,12 @@ def run_contender(name: str, args: dict, workdir: Path, timeout: int, profile_di
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
+            started = descendants(proc.pid)  # Ray's daemons among them: they leave the contender's group
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)  # a Ray cluster it left behind
+            for pid in started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         wall = time.perf_counter() - t
         out_f.seek(0)
         err_f.seek(0)

@@ -170,6 +170,7 @@ class LMDeployEngine:
         preprocess_threads: int = 4,
         memory_trim_every: int = 8192,
         gil_switch_interval_ms: float | None = None,
+        log_level: str = "WARNING",
         **config_options: Any,
     ) -> None:
         """Keyword arguments not named here (from `--engine-args`) go to lmdeploy's `PytorchEngineConfig`
@@ -183,12 +184,17 @@ class LMDeployEngine:
         gives the GIL up (numpy, PIL, the tokenizer release it) waits up to a whole interval to get it
         back, several times per request, so requests reach lmdeploy late (see `bench/results/s7`).
 
+        `log_level`: lmdeploy's own logger. Its `pipeline()` sets WARNING; an engine built directly, as here,
+        is left at INFO, which logs three lines per request from the engine's loop (6,000 lines for 2,048
+        images in the batch job, each one shipped to the driver when Ray forwards worker output).
+
         `cache_max_entry_count` is an upper bound: it is lowered to what `max_batch_size` full-length
         sessions can fill (raylens.engines.kv_cache), unless `num_gpu_blocks` fixes the cache size."""
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         if gil_switch_interval_ms is not None:
             set_gil_switch_interval(gil_switch_interval_ms)
+        logging.getLogger("lmdeploy").setLevel(log_level.upper())  # what lmdeploy's pipeline() does
         from lmdeploy import PytorchEngineConfig
         from lmdeploy.serve.core import VLAsyncEngine
 

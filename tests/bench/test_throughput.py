@@ -102,3 +102,46 @@ def test_table_gives_scaling_efficiency_against_one_gpu():
     assert "| 7.50x on 8 GPUs (94%) |" in rows[3]
     assert "| 4.00x on 8 GPUs (50%) |" in rows[4]
     assert "| 0 | - | - | - | 30 |" in rows[5]  # no 1-GPU raylens run of the 2B shape to compare with; no bound
+
+
+def _orphaned_raylets() -> set[int]:
+    """Raylets whose driver is gone: a Ray session is named after its driver's pid (`session_..._<pid>`)."""
+    import os
+    import re
+
+    from bench.throughput import descendants
+
+    orphans = set()
+    for pid in descendants(1):
+        match = re.search(r"raylet.*?/session_[^/]*_(\d+)/", _cmdline(pid))
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            orphans.add(pid)
+    return orphans
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_a_contender_past_its_time_limit_is_reported_and_leaves_no_ray_behind(tmp_path):
+    """The raylens contender starts a Ray instance of its own. Killed at its limit, it gives an error result, and
+    no Ray of its own outlives it. (The benchmark used to `ray stop --force` here, which stops every Ray on the
+    machine, and to read the contender's output from pipes, which on the GPU machine waited for its Ray workers.)"""
+    import subprocess
+    import sys
+
+    before = _orphaned_raylets()
+    out = tmp_path / "bench.json"
+    argv = ["--sizes", "tiny", "--tiles", "1", "--images", "400", "--max-new-tokens", "8", "--batch-size", "4",
+            "--contenders", "raylens", "--engine", "transformers", "--workdir", str(tmp_path / "work"),
+            "--timeout", "25", "--out", str(out)]
+    code = "import sys; from bench.throughput import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert "timed out after 25 s" in result["error"]
+    assert _orphaned_raylets() <= before  # the killed contender's Ray went with it

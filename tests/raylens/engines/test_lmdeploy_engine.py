@@ -79,6 +79,20 @@ def test_demo_model_captions_identically_on_both_engines(preprocess):
     assert all(r.text.startswith("a ") and r.text.endswith("background.") for r in lm), [r.text for r in lm]
 
 
+def test_lmdeploy_logs_nothing_per_request_unless_asked():
+    """lmdeploy's logger is left at INFO by an engine built without its pipeline(): three lines per request."""
+    import logging
+
+    quiet = _lmdeploy(str(DEMO_MODEL_DIR), [p.read_bytes() for p in sorted(EXAMPLES.iterdir())[:2]], None,
+                      "Describe the image.", SamplingParams(max_new_tokens=4), cache_max_entry_count=0.2)
+    assert all(r.error is None for r in quiet)
+    assert logging.getLogger("lmdeploy").getEffectiveLevel() == logging.WARNING
+    _lmdeploy(str(DEMO_MODEL_DIR), [], None, "", SamplingParams(max_new_tokens=4), cache_max_entry_count=0.2,
+              log_level="info")
+    assert logging.getLogger("lmdeploy").getEffectiveLevel() == logging.INFO
+    logging.getLogger("lmdeploy").setLevel(logging.WARNING)
+
+
 def test_demo_model_with_tensor_parallelism_captions_like_one_gpu():
     """tp=2 outside any Ray actor (lmdeploy starts its own Ray); the job's in-actor case is in tests/jobs."""
     import torch

@@ -1,12 +1,15 @@
-"""The lmdeploy engine's host-memory housekeeping, on CPU (lmdeploy itself is not needed: the function
-only touches the engine object it is given)."""
+"""The lmdeploy engine's process housekeeping (host memory, the GIL switch interval), on CPU (lmdeploy itself is
+not needed: the functions only touch the engine object they are given, or the interpreter)."""
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 from types import SimpleNamespace
 
-from raylens.engines.lmdeploy_engine import _quiet_host_memory_housekeeping
+import pytest
+
+from raylens.engines.lmdeploy_engine import _quiet_host_memory_housekeeping, set_gil_switch_interval
 
 
 def test_trim_count_is_raised_and_startup_objects_are_frozen_out_of_collections():
@@ -30,3 +33,16 @@ def test_zero_turns_the_trim_off_and_an_unknown_engine_is_reported(caplog):
         assert "gc.collect() stays on" in caplog.text
     finally:
         gc.unfreeze()
+
+
+def test_gil_switch_interval_is_set_in_milliseconds_and_bounded():
+    before = sys.getswitchinterval()
+    try:
+        set_gil_switch_interval(0.5)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        for bad in (0, -1, 1000):
+            with pytest.raises(ValueError, match="gil_switch_interval_ms"):
+                set_gil_switch_interval(bad)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
