@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-import io
+from pathlib import Path
 
 import pytest
-from PIL import Image
-
-from pathlib import Path
 
 from raylens.conversation import Conversation, Turn
 from raylens.engines import VLEngine, create_engine, resolve_engine_name
