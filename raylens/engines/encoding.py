@@ -61,6 +61,35 @@ class EncodedRequest:
         return out
 
 
+class CachedPromptTokenizer:
+    """A tokenizer whose plain calls (`tokenizer(prompt)`) are remembered for up to `size` prompts; any other
+    use goes to the tokenizer itself.
+
+    Why: a batch job asks the same question of most images at the same tile count, so most prompts are the
+    same string. In the lmdeploy engine's process each tokenizer call gives the GIL up and then waits for the
+    engine's busy loop to hand it back, which is what held requests back from lmdeploy (docs/benchmarks.md,
+    session 7). Safe from several threads: one dict read or write at a time, a full cache is emptied."""
+
+    def __init__(self, tokenizer, size: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.size = size
+        self._ids: dict[str, tuple[int, ...]] = {}
+
+    def __call__(self, text, **kwargs):
+        if kwargs or not isinstance(text, str):
+            return self.tokenizer(text, **kwargs)
+        ids = self._ids.get(text)
+        if ids is None:
+            ids = tuple(self.tokenizer(text)["input_ids"])
+            if len(self._ids) >= self.size:
+                self._ids.clear()
+            self._ids[text] = ids
+        return {"input_ids": list(ids)}
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
 def encode_request(req: VLRequest, *, spec: "ModelSpec", tokenizer, template: ChatTemplate | None = None,
                    system_message: str | None = None, tiling: TilingSpec | None = None,
                    with_labels: bool = False) -> EncodedRequest:

@@ -43,7 +43,7 @@ from raylens.engines.base import (
     VLResult,
     format_error,
 )
-from raylens.engines.encoding import encode_request
+from raylens.engines.encoding import CachedPromptTokenizer, encode_request
 from raylens.engines.kv_cache import DEFAULT_CACHE_FRACTION, capped_cache_fraction
 from raylens.engines.text import AnswerText
 from raylens.prompts import IMAGE_PLACEHOLDER, ChatTemplate
@@ -238,6 +238,7 @@ class LMDeployEngine:
             import torch
 
             self._image_token_id = self._tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+            self._prompt_tokenizer = CachedPromptTokenizer(self._tokenizer)
             self._feature_dtype = getattr(torch, self.spec.torch_dtype, torch.bfloat16)
             self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="raylens-prep")
 
@@ -316,7 +317,7 @@ class LMDeployEngine:
         """Token ids and the `multimodal` entries (one per image) lmdeploy's InternVL input processor reads."""
         import torch
 
-        enc = encode_request(req, spec=self.spec, tokenizer=self._tokenizer, template=self.template)
+        enc = encode_request(req, spec=self.spec, tokenizer=self._prompt_tokenizer, template=self.template)
         self._check_length(len(enc.input_ids), params)
         if enc.pixel_values is None:
             return enc.input_ids, None

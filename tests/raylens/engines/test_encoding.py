@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from raylens.checkpoints.formats import ModelSpec
 from raylens.conversation import Conversation, Turn, render
 from raylens.engines.base import RequestError, SamplingParams, VLRequest
-from raylens.engines.encoding import IGNORE_INDEX, encode_request
+from raylens.engines.encoding import IGNORE_INDEX, CachedPromptTokenizer, encode_request
 from raylens.images import TilingSpec, decode_image, prepare_image
 from raylens.prompts import IMG_CONTEXT, expand_image_placeholders
 
@@ -42,6 +42,40 @@ def test_one_question_is_a_one_turn_conversation(spec, tokenizer):
     assert one.image_tokens == 4 * spec.image_tokens_per_tile
     assert one.input_ids[one.image_offset : one.image_offset + one.image_tokens] == \
         [tokenizer.convert_tokens_to_ids(IMG_CONTEXT)] * one.image_tokens
+
+
+class _Counting:
+    """The tokenizer, counting its plain calls."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.calls += not kwargs
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_cached_prompt_tokenizer_encodes_the_same_and_tokenises_each_prompt_once(spec, tokenizer):
+    counting = _Counting(tokenizer)
+    cached = CachedPromptTokenizer(counting, size=2)
+    small, wide = _image(spec, (64, 64)), _image(spec, (300, 100))
+    requests = [VLRequest("a", "Describe.", small), VLRequest("b", "Describe.", _image(spec, (60, 50))),
+                VLRequest("c", "Describe.", wide), VLRequest("d", "What colour?", small)]
+    for _ in range(2):
+        for req in requests:
+            got = encode_request(req, spec=spec, tokenizer=cached)
+            want = encode_request(req, spec=spec, tokenizer=tokenizer)
+            assert got.input_ids == want.input_ids and got.images == want.images
+            assert np.array_equal(got.pixel_values, want.pixel_values)
+    # a, b: one prompt (1 tile each); c: 4 tiles; d: another question. Size 2: full at d, emptied, refilled.
+    assert counting.calls == 3 + 3
+    answered = VLRequest.chat("e", Conversation([Turn("Describe.", 1, "a star")]), [small])
+    labelled = encode_request(answered, spec=spec, tokenizer=cached, with_labels=True)  # offsets: passed on
+    assert labelled.labels == encode_request(answered, spec=spec, tokenizer=tokenizer, with_labels=True).labels
+    assert cached.convert_tokens_to_ids(IMG_CONTEXT) == tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
 
 
 def test_multi_turn_multi_image_positions_counts_and_tiles(spec, tokenizer):
