@@ -194,9 +194,11 @@ class LMDeployEngine:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         if gil_switch_interval_ms is not None:
             set_gil_switch_interval(gil_switch_interval_ms)
-        logging.getLogger("lmdeploy").setLevel(log_level.upper())  # what lmdeploy's pipeline() does
         from lmdeploy import PytorchEngineConfig
         from lmdeploy.serve.core import VLAsyncEngine
+
+        # What lmdeploy's pipeline() does; after the import, which sets the logger to INFO the first time.
+        logging.getLogger("lmdeploy").setLevel(log_level.upper())
 
         self.spec = ModelSpec.from_dir(model_dir)
         self.model_name = model_name or str(model_dir)
