@@ -80,17 +80,32 @@ def test_demo_model_captions_identically_on_both_engines(preprocess):
 
 
 def test_lmdeploy_logs_nothing_per_request_unless_asked():
-    """lmdeploy's logger is left at INFO by an engine built without its pipeline(): three lines per request."""
-    import logging
+    """lmdeploy's logger is left at INFO by an engine built without its pipeline(): three lines per request.
+    In a fresh process, as in an engine actor: lmdeploy's first import is what sets INFO."""
+    import re
+    import subprocess
+    import sys
 
-    quiet = _lmdeploy(str(DEMO_MODEL_DIR), [p.read_bytes() for p in sorted(EXAMPLES.iterdir())[:2]], None,
-                      "Describe the image.", SamplingParams(max_new_tokens=4), cache_max_entry_count=0.2)
-    assert all(r.error is None for r in quiet)
-    assert logging.getLogger("lmdeploy").getEffectiveLevel() == logging.WARNING
-    _lmdeploy(str(DEMO_MODEL_DIR), [], None, "", SamplingParams(max_new_tokens=4), cache_max_entry_count=0.2,
-              log_level="info")
-    assert logging.getLogger("lmdeploy").getEffectiveLevel() == logging.INFO
-    logging.getLogger("lmdeploy").setLevel(logging.WARNING)
+    code = (
+        "import asyncio, logging, sys\n"
+        "from raylens.checkpoints.resolve import DEMO_MODEL_DIR\n"
+        "from raylens.engines.base import SamplingParams, VLRequest\n"
+        "from raylens.engines.lmdeploy_engine import LMDeployEngine\n"
+        "from raylens.images import decode_image, prepare_image\n"
+        "kw = {} if sys.argv[1] == 'default' else {'log_level': sys.argv[1]}\n"
+        "lm = LMDeployEngine(str(DEMO_MODEL_DIR), max_batch_size=4, eager_mode=True, cache_max_entry_count=0.2, **kw)\n"
+        "image = prepare_image(decode_image(open(sys.argv[2], 'rb').read()), lm.spec.tiling())\n"
+        "(r,) = asyncio.run(lm.generate([VLRequest('r0', 'Describe the image.', image)], SamplingParams(max_new_tokens=4)))\n"
+        "lm.close()\n"
+        "print('RESULT', r.error, logging.getLevelName(logging.getLogger('lmdeploy').getEffectiveLevel()))\n"
+    )
+    image = str(sorted(EXAMPLES.iterdir())[0])
+    for asked, level in (("default", "WARNING"), ("info", "INFO")):
+        done = subprocess.run([sys.executable, "-c", code, asked, image], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"RESULT None {level}" in done.stdout, done.stdout[-2000:]
+        per_request = re.search(r"session \d+ finished", done.stdout + done.stderr)  # lmdeploy's INFO line per request
+        assert bool(per_request) == (level == "INFO")
 
 
 def test_demo_model_with_tensor_parallelism_captions_like_one_gpu():
