@@ -1,7 +1,9 @@
 """The Serve application: `serve run serve/config.yaml` (settings in its `args`), or `serve run serve.app:app`
 (every default: the shipped demo model on CPU, no key).
 
-    ChatIngress (FastAPI; auth, validation, image intake, SSE) --handle--> VLModel (one engine per replica)
+    layout: split (default)  ChatIngress (FastAPI; auth, validation, image intake, SSE) --handle--> VLModel (one
+                             engine per replica)
+    layout: single           ChatIngress with a VLModel in its own replica (serve.model_client)
 
 `build_app(args)` is the application builder the YAML names; `args` are `ServeConfig` fields, and
 `RAYLENS_API_KEY` from the environment sets the key. Each deployment gets its admission limits and
@@ -28,6 +30,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 def bind(config: ServeConfig) -> Application:
     """The application for a resolved config (tests and the benchmark build configs directly)."""
+    if config.layout == "single":
+        endpoint = serve.deployment(serve.ingress()(ChatIngress), name="VLEndpoint")
+        return endpoint.options(**config.single_deployment_options()).bind(config)
     model = serve.deployment(VLModel, name="VLModel").options(**config.model_deployment_options())
     ingress = serve.deployment(serve.ingress()(ChatIngress), name="ChatIngress").options(**config.ingress_deployment_options())
     return ingress.bind(config, model.bind(config))

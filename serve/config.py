@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 API_KEY_ENV = "RAYLENS_API_KEY"
 ENGINES = ("auto", "transformers", "lmdeploy")
+LAYOUTS = ("split", "single")
 DEMO_MODEL_NAME = "raylens-demo"
 
 # Per-engine defaults for the fields left unset: (max_ongoing, max_queued, target_ongoing, max_batch_size).
@@ -81,6 +82,10 @@ class ServeConfig:
     max_batch_size: int | None = _f(None, "transformers: concurrent requests (streamed or not) batched into one generate; lmdeploy: its max_batch_size")
     batch_wait_timeout_s: float = _f(0.01, "transformers: how long a batch waits to fill")
     stream_interval_ms: float = _f(20.0, "streamed text of one request is sent at most this often (fewer, larger chunks under load)")
+    # -- layout -------------------------------------------------------------------------------
+    layout: str = _f("split", "split: ingress replicas (HTTP, validation, images) in front of the model replicas; single: "
+                     "one deployment does both in one replica, one Ray hop less each way (lower time to first token; "
+                     "image decoding then shares the model replica's CPU)")
     # -- ingress replicas (HTTP, validation, image download and decoding) ----------------------
     ingress_min_replicas: int = _f(1, "ingress replicas kept running")
     ingress_max_replicas: int = _f(2, "ingress replicas the autoscaler may add")
@@ -109,6 +114,7 @@ class ServeConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         checks = [
+            (self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}"),
             (self.engine in ENGINES or ":" in self.engine, f"engine must be one of {ENGINES} or package.module:Class, got {self.engine!r}"),
             (isinstance(self.engine_args, dict), f"engine_args must be a mapping, got {self.engine_args!r}"),
             (self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens must be <= max_tokens_limit"),
@@ -193,6 +199,16 @@ class ServeConfig:
             health_check_timeout_s=60,
             graceful_shutdown_timeout_s=30,
         )
+
+    def single_deployment_options(self) -> dict:
+        """The one deployment of `layout: single`: the model's replicas, resources and autoscaling, with room for
+        the ingress's own work. Its admission of model work is `serve.model_client.InProcessModel`'s; Serve's
+        limits only bound the HTTP requests one replica holds (past them, Serve's own 503)."""
+        options = self.model_deployment_options()
+        options.update(max_ongoing_requests=self.ingress_max_ongoing_requests,
+                       max_queued_requests=self.ingress_max_ongoing_requests)
+        options["ray_actor_options"] = dict(num_cpus=self.num_cpus + self.ingress_num_cpus, num_gpus=self.num_gpus or 0)
+        return options
 
     def ingress_deployment_options(self) -> dict:
         return dict(

@@ -52,6 +52,12 @@ def too_large(message: str, param: str | None = None, code: str = "too_large") -
     return ApiError(413, message, param=param, code=code)
 
 
+def overloaded(retry_after_s: float) -> ApiError:
+    """The 503 of a full model, with `Retry-After` in whole seconds (rounded up)."""
+    return ApiError(503, "the model is at capacity; retry after a moment", type=OVERLOADED, code="overloaded",
+                    headers={"Retry-After": str(max(0, int(-(-retry_after_s // 1))))})
+
+
 def to_api_error(exc: BaseException, *, retry_after_s: float = 1.0) -> ApiError:
     """Classify any exception. Unknown ones are server faults (500) whose details stay in the log."""
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -62,9 +68,7 @@ def to_api_error(exc: BaseException, *, retry_after_s: float = 1.0) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, BackPressureError):
-        after = exc.retry_after_s if exc.retry_after_s is not None else retry_after_s
-        return ApiError(503, "the model is at capacity; retry after a moment", type=OVERLOADED, code="overloaded",
-                        headers={"Retry-After": str(max(0, int(-(-after // 1))))})
+        return overloaded(exc.retry_after_s if exc.retry_after_s is not None else retry_after_s)
     if isinstance(exc, (DeploymentUnavailableError, EngineDeadError)):
         return ApiError(503, "the model is not available right now (starting or restarting); retry later",
                         type=OVERLOADED, code="model_unavailable", headers={"Retry-After": str(max(1, int(retry_after_s)))})

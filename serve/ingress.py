@@ -35,11 +35,14 @@ CHAT_ROUTE = "/v1/chat/completions"
 
 
 class ChatIngress:
-    """HTTP in front of the `VLModel` deployment (`model` is its handle)."""
+    """HTTP in front of the model: the `VLModel` deployment, `model` being its handle (`layout: split`), or a
+    `VLModel` in this replica (`layout: single`, no handle; see `serve.model_client`)."""
 
-    def __init__(self, config: ServeConfig, model) -> None:
+    def __init__(self, config: ServeConfig, model=None) -> None:
+        from serve.model_client import HandleModel, InProcessModel
+
         self.config = config
-        self.model = model
+        self.model = InProcessModel(config) if config.layout == "single" else HandleModel(model)
         self.metrics = EndpointMetrics()
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()
@@ -70,6 +73,10 @@ class ChatIngress:
         self.metrics.counted("other", exc.status_code)
         return JSONResponse(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").body(),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    def check_health(self) -> None:
+        """Serve's periodic check: with the model in this replica (`layout: single`), the engine's."""
+        self.model.check_health()
 
     # -- routes -------------------------------------------------------------------------------
     async def health(self) -> JSONResponse:
@@ -114,7 +121,7 @@ class ChatIngress:
                 logger.info("%s: %d turns, images %s", rid, len(plan.conversation.turns), [r.url[:100] for r in plan.images])
             images = await self._intake_for(info).load(plan.images)
             vl_request = VLRequest.chat(rid, plan.conversation, images, max_tiles=plan.max_tiles)
-            deltas = self.model.options(stream=True).chat.remote(vl_request, plan.params, plan.stream)
+            deltas = self.model.chat(vl_request, plan.params, plan.stream)
             try:
                 first = await deltas.__anext__()
             except StopAsyncIteration:
@@ -166,7 +173,7 @@ class ChatIngress:
         if self._info is None:
             async with self._info_lock:
                 if self._info is None:
-                    self._info = await self.model.describe.remote()
+                    self._info = await self.model.describe()
         return self._info
 
     def _intake_for(self, info: ModelInfo):

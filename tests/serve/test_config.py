@@ -50,6 +50,22 @@ def test_build_app_applies_sizing_and_backpressure():
     assert ingress.max_ongoing_requests == args["ingress_max_ongoing_requests"]
 
 
+def test_single_layout_is_one_deployment_sized_for_the_model_and_the_http_routes():
+    from serve.app import bind
+
+    config = ServeConfig(layout="single", engine="transformers", num_cpus=2, ingress_num_cpus=0.5,
+                         min_replicas=1, max_replicas=3, ingress_max_ongoing_requests=100).with_engine_resolved(0)
+    app = bind(config)
+    deployment = app._bound_deployment
+    assert deployment.name == "VLEndpoint"
+    assert deployment.max_ongoing_requests == 100  # HTTP requests; model work is admitted by InProcessModel
+    assert deployment.ray_actor_options["num_cpus"] == 2.5
+    auto = deployment._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas) == (1, 3)
+    with pytest.raises(ValueError, match="layout"):
+        ServeConfig(layout="two")
+
+
 def test_module_level_app_exists():
     from ray.serve import Application
 

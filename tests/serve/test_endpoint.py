@@ -1,8 +1,9 @@
 """The endpoint end to end: the official `openai` client (and raw HTTP for what the client refuses to send)
 against the real Serve application on a private Ray instance, serving the shipped demo model on CPU.
 
-One Serve instance for the module, two applications: `main` (an API key, the limits the tests probe) at
-`/`, and `small` (one request at a time, one queued) at `/small` for the overload test.
+One Serve instance for the module, three applications: `main` (an API key, the limits the tests probe) at
+`/`, `small` (one request at a time, one queued) at `/small` for the overload test, and `single`, sized as
+`small` in the one-deployment layout (`layout: single`), at `/single`.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ SMALL_ARGS = dict(
     max_queued_requests=1, max_batch_size=1, retry_after_s=2, num_cpus=0, ingress_num_cpus=0, ingress_max_replicas=1,
 )
 
+SINGLE_ARGS = dict(SMALL_ARGS, layout="single")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -59,6 +62,7 @@ def endpoint(ray_local):
         serve.run_many([  # both at once: their replicas start side by side
             serve.RunTarget(bind(ServeConfig(**MAIN_ARGS).with_engine_resolved(0)), name="main", route_prefix="/"),
             serve.RunTarget(bind(ServeConfig(**SMALL_ARGS).with_engine_resolved(0)), name="small", route_prefix="/small"),
+            serve.RunTarget(bind(ServeConfig(**SINGLE_ARGS).with_engine_resolved(0)), name="single", route_prefix="/single"),
         ])
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -389,11 +393,11 @@ def test_metrics_reach_rays_metrics_port(endpoint):
 
 
 # -------------------------------------------------------------------------------------- overload
-def _replica_rss(deployment: str) -> int:
-    """Resident memory of the `small` app's replicas of `deployment` (processes of our own Ray instance)."""
+def _replica_rss(app: str, deployment: str) -> int:
+    """Resident memory of the `app` app's replicas of `deployment` (processes of our own Ray instance)."""
     import psutil
 
-    title = f"ServeReplica:small:{deployment}"
+    title = f"ServeReplica:{app}:{deployment}"
     total, found = 0, 0
     for proc in psutil.Process().children(recursive=True):
         try:
@@ -406,11 +410,12 @@ def _replica_rss(deployment: str) -> int:
     return total
 
 
-def test_overload_gives_503s_at_once_and_the_replica_recovers(endpoint):
-    url = endpoint + "/small/v1/chat/completions"
+@pytest.mark.parametrize("app,front", [("small", "ChatIngress"), ("single", "VLEndpoint")])
+def test_overload_gives_503s_at_once_and_the_replica_recovers(endpoint, app, front):
+    url = endpoint + f"/{app}/v1/chat/completions"
     body = {"messages": [image_message(example("green_star_on_white.png"))], "max_tokens": 48, "temperature": 0}
     assert httpx.post(url, json=body, timeout=60).status_code == 200  # warm
-    rss_before = _replica_rss("ChatIngress")
+    rss_before = _replica_rss(app, front)
     barrier = threading.Barrier(24)
 
     def one(_):
@@ -429,9 +434,29 @@ def test_overload_gives_503s_at_once_and_the_replica_recovers(endpoint):
             assert response.headers["retry-after"] == "2"
             assert_openai_error(response, 503)
             assert seconds < 5  # refused at once, not after queueing
-    assert _replica_rss("ChatIngress") < rss_before + 150 * 2**20  # nothing piled up in the ingress
+    assert _replica_rss(app, front) < rss_before + 150 * 2**20  # nothing piled up in the ingress
     after = httpx.post(url, json=body, timeout=60)
     assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"]
+
+
+def test_the_single_layout_answers_as_the_split_one(endpoint, client):
+    """`layout: single` (the engine in the ingress's replica): the same answers, plain and streamed, through
+    the official client; a client that goes away mid-stream frees its place (capacity is 2 here)."""
+    single = openai.OpenAI(base_url=f"{endpoint}/single/v1", api_key="unused", max_retries=0, timeout=60)
+    messages = [image_message(example("blue_star_on_pink.png"))]
+    want = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    got = single.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens
+    chunks = single.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.choices[0].message.content
+    assert [m.id for m in single.models.list().data] == [MODEL]
+    for _ in range(3):  # more abandoned streams than places: each one must give its place back
+        with httpx.stream("POST", f"{endpoint}/single/v1/chat/completions", timeout=60,
+                          json={"messages": messages, "max_tokens": 48, "stream": True}) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())
+    assert single.chat.completions.create(model=MODEL, messages=messages, max_tokens=4).choices[0].message.content
 
 
 # ----------------------------------------------------------------------------------------- bench
