@@ -146,9 +146,11 @@ def wait_ready(base: str, timeout_s: float, api_key: str | None = None) -> str:
 
 
 class RaylensServer:
-    """The raylens endpoint on a private Ray instance in this process (lmdeploy engine on the GPU)."""
+    """The raylens endpoint on a private Ray instance in this process (lmdeploy engine on the GPU), in either
+    layout (`serve.config.ServeConfig.layout`)."""
 
-    def __init__(self, checkpoint: str, tiles: int, engine_args: dict, engine: str = "lmdeploy") -> None:
+    def __init__(self, checkpoint: str, tiles: int, engine_args: dict, engine: str = "lmdeploy",
+                 layout: str = "split") -> None:
         import ray
         from ray import serve
 
@@ -163,7 +165,7 @@ class RaylensServer:
                              max_tokens_limit=4096, max_ongoing_requests=512, max_queued_requests=1024,
                              target_ongoing_requests=256, max_replicas=1, num_gpus=gpus, num_cpus=0,
                              ingress_min_replicas=4 if gpus else 1, ingress_max_replicas=4 if gpus else 1,
-                             ingress_num_cpus=1 if gpus else 0)
+                             ingress_num_cpus=1 if gpus else 0, layout=layout)
         serve.run(bind(config.with_engine_resolved(gpus)), name="raylens", route_prefix="/")
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--level-seconds", type=float, default=25.0, help="time each concurrency level sends requests")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--contenders", nargs="+", default=["raylens", "api_server", "batch"],
-                   choices=["raylens", "api_server", "batch"])
+                   choices=["raylens", "raylens-single", "api_server", "batch"],
+                   help="raylens-single: the endpoint with layout single (one deployment)")
     p.add_argument("--batch-images", type=int, default=512, help="images the batch job captions")
     p.add_argument("--engine-args", default="{}", help="JSON options of the raylens lmdeploy engine")
     p.add_argument("--engine", default="lmdeploy", choices=["lmdeploy", "transformers"],
@@ -276,8 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {results['contenders'][name]}", flush=True)
             Path(args.out).write_text(json.dumps(results, indent=2))
             continue
-        server = RaylensServer(checkpoint, args.tiles, json.loads(args.engine_args), args.engine) if name == "raylens" \
-            else ApiServer(checkpoint, work / "api_server.log")
+        if name.startswith("raylens"):
+            server = RaylensServer(checkpoint, args.tiles, json.loads(args.engine_args), args.engine,
+                                   layout="single" if name == "raylens-single" else "split")
+        else:
+            server = ApiServer(checkpoint, work / "api_server.log")
         try:
             model = wait_ready(server.url, 600)
             ready = time.perf_counter() - started

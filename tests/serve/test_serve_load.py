@@ -1,0 +1,30 @@
+"""bench/serve_load.py's own servers on CPU (the demo model, the transformers engine): the raylens endpoint
+in both layouts, started and swept by the script the GPU session runs, so it cannot rot between GPU sessions.
+A subprocess: the script starts its own private Ray instance."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from raylens.checkpoints.resolve import DEMO_MODEL_DIR
+
+
+@pytest.mark.slow
+def test_serve_load_starts_and_sweeps_both_layouts(tmp_path):
+    out = tmp_path / "load.json"
+    command = [sys.executable, "-m", "bench.serve_load", "--checkpoint", str(DEMO_MODEL_DIR), "--engine", "transformers",
+               "--tiles", "1", "--contenders", "raylens", "raylens-single", "--concurrency", "1", "2",
+               "--level-seconds", "2", "--max-tokens", "4", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    contenders = json.loads(out.read_text())["contenders"]
+    assert set(contenders) == {"raylens", "raylens-single"}
+    for name, result in contenders.items():
+        assert "error" not in result, (name, result)
+        assert [row["concurrency"] for row in result["levels"]] == [1, 2]
+        for row in result["levels"]:
+            assert row["ok"] >= row["concurrency"] and not row["failures"], (name, row)
+            assert row["mean_output_tokens"] == 4
