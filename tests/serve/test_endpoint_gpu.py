@@ -3,6 +3,7 @@
 What the CPU tests cannot show: lmdeploy's async engine running inside the Serve replica's event loop
 (notes/lmdeploy.md 3.5, 4.3), concurrent requests sharing its continuous batching, streamed text equal
 to the plain answer, and the batch job's answer for the same image (both on the GPU, half of it each).
+Every test runs against both layouts (`layout: split` and `single`).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def _message(name: str) -> dict:
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": CAPTION}]}
 
 
-@pytest.fixture(scope="module")
-def gpu_endpoint(ray_local, tiny_checkpoint):
+@pytest.fixture(scope="module", params=["split", "single"])
+def gpu_endpoint(request, ray_local, tiny_checkpoint):
+    """The endpoint in each layout (`single`: lmdeploy's engine inside the HTTP replica's event loop)."""
     import openai
     from ray import serve
 
@@ -42,7 +44,7 @@ def gpu_endpoint(ray_local, tiny_checkpoint):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(model=str(tiny_checkpoint), engine="lmdeploy", num_gpus=0.5, max_tokens_limit=64,
                          default_max_tokens=16, stream_interval_ms=0, ingress_num_cpus=0, num_cpus=0,
-                         engine_args={"max_batch_size": 32, "cache_max_entry_count": 0.2})
+                         engine_args={"max_batch_size": 32, "cache_max_entry_count": 0.2}, layout=request.param)
     try:
         serve.run(bind(config.with_engine_resolved(1)), name="gpu", route_prefix="/")
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
