@@ -10,8 +10,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from conftest import image_bytes, subprocess_env
 from jobs.caption import run
 from jobs.caption_runtime import configure_logging, failure_message, ray_address

@@ -132,7 +132,7 @@ def test_engine_actors_that_would_take_every_cpu_are_refused_on_a_private_instan
     """--replicas 2 on a 2-CPU machine used to wait for ever: the engine actors held both CPUs and no
     prepare task could start. A private instance cannot grow, so that is a usage error naming the fix; a
     cluster may add nodes, so there it is a warning."""
-    from jobs.caption import UsageError, _check_cpus_left_for_preprocessing
+    from jobs.caption import _check_cpus_left_for_preprocessing
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = CaptionJobConfig(input="in", output="out", replicas="1:2")

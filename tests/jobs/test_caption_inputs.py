@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from conftest import image_bytes
