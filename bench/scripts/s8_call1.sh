@@ -6,7 +6,8 @@
 # be long beside the ~6 s before the first answers; session 7's 2048-image runs were too short):
 #   the plain pipeline; raylens with the job's defaults (lmdeploy's per-request INFO logging now off);
 #   raylens double-buffered with the engine's GIL switch interval at 0.5 ms, the combination session 7's
-#   timelines point to (docs/benchmarks.md, "session 7").
+#   timelines point to (docs/benchmarks.md, "session 7"); the same with a prefill budget of 16384 tokens
+#   (37 one-tile prompts per prefill step instead of 18). The images are written by a process pool (seconds).
 set -u -o pipefail
 source .devsite/activate.sh
 mkdir -p /tmp/devsite/ray/dashboard/client/build/static $OUT/logs  # the carried Ray has no dashboard build
@@ -14,13 +15,16 @@ nvidia-smi -L
 LIMIT=${RAYLENS_CALL_LIMIT_S:-590}
 T="python -m bench.throughput --gpu-sample-ms 200 --timeline --sizes 2b --batch-size 32"
 source bench/scripts/step.sh
-timeout 120 python -c "from pathlib import Path; from bench.throughput import ensure_checkpoint; from bench.data import \
+timeout 60 python -c "from pathlib import Path; from bench.throughput import ensure_checkpoint; from bench.data import \
 write_images; w = Path('/tmp/raylens-bench'); ensure_checkpoint(w, '2b'); write_images(w / 'images', 4096)"
 echo "images and checkpoint rc=$? after ${SECONDS}s"
 step i16-2b-t1-pipeline 125 --tiles 1 --images 1536 --contenders pipeline
-step i16-2b-t1-raylens 150 --tiles 1 --images 4096 --contenders raylens
+step i16-2b-t1-raylens 140 --tiles 1 --images 4096 --contenders raylens
 cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens.contender.log 2>/dev/null
-step i16-2b-t1-raylens-gil05-db16 150 --tiles 1 --images 4096 --contenders raylens --batches-in-flight 16 \
+step i16-2b-t1-raylens-gil05-db16 140 --tiles 1 --images 4096 --contenders raylens --batches-in-flight 16 \
     --engine-options '{"gil_switch_interval_ms": 0.5, "max_batch_size": 256}'
 cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens-gil05-db16.contender.log 2>/dev/null
+step i16-2b-t1-raylens-gil05-db16-prefill16k 140 --tiles 1 --images 4096 --contenders raylens --batches-in-flight 16 \
+    --engine-options '{"gil_switch_interval_ms": 0.5, "max_batch_size": 256, "max_prefill_token_num": 16384}'
+cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens-gil05-db16-prefill16k.contender.log 2>/dev/null
 python -m bench.throughput table $OUT/i16-2b-*.json
