@@ -80,7 +80,7 @@ def test_demo_model_captions_identically_on_both_engines(preprocess):
 
 
 def test_lmdeploy_logs_nothing_per_request_unless_asked():
-    """lmdeploy's logger is left at INFO by an engine built without its pipeline(): three lines per request.
+    """lmdeploy's logger is left at INFO by an engine built without its pipeline(): lines for every request.
     In a fresh process, as in an engine actor: lmdeploy's first import is what sets INFO."""
     import re
     import subprocess
