@@ -185,8 +185,8 @@ class LMDeployEngine:
         back, several times per request, so requests reach lmdeploy late (see `bench/results/s7`).
 
         `log_level`: lmdeploy's own logger. Its `pipeline()` sets WARNING; an engine built directly, as here,
-        is left at INFO, which logs two or three lines per request from the engine's loop (5,569 lines for 2,048
-        images in the batch job, each one shipped to the driver when Ray forwards worker output).
+        is left at INFO, which logs two or three lines per request from the engine's loop (5,569 lines for
+        2,048 images in the batch job, each one shipped to the driver when Ray forwards worker output).
 
         `cache_max_entry_count` is an upper bound: it is lowered to what `max_batch_size` full-length
         sessions can fill (raylens.engines.kv_cache), unless `num_gpu_blocks` fixes the cache size."""
