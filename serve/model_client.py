@@ -45,6 +45,7 @@ class InProcessModel:
         self.capacity = config.max_ongoing_requests + config.max_queued_requests
         self.retry_after_s = config.retry_after_s
         self.in_flight = 0
+        self.closing: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
 
     async def describe(self) -> ModelInfo:
         return self.model.describe()
@@ -81,7 +82,9 @@ class InProcessStream:
     def cancel(self) -> None:
         if self._open:
             self._release()
-            asyncio.get_running_loop().create_task(_close(self._source))
+            task = asyncio.get_running_loop().create_task(_close(self._source))
+            self._owner.closing.add(task)
+            task.add_done_callback(self._owner.closing.discard)
 
     def _release(self) -> None:
         if self._open:
