@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# For the next GPU session (written in session 7, not yet run): issue 16 at 1 tile, side by side in one call
+# For the next GPU session (written in session 7, revised in session 8): issue 16 at 1 tile, side by side in one call
 # (one H200, about 9.5 minutes).
 #   run(command="bash bench/scripts/s8_call1.sh", carry=[".devsite"], kind="nvidia-h200", timeout_s=600)
 # 2B shape, 640x480 JPEGs, greedy, 64 new tokens with ignore_eos; 4096 images per raylens run (its window must
 # be long beside the ~6 s before the first answers; session 7's 2048-image runs were too short):
 #   the plain pipeline; raylens with the job's defaults (lmdeploy's per-request INFO logging now off);
-#   raylens double-buffered with the engine's GIL switch interval at 0.5 ms, the combination session 7's
-#   timelines point to (docs/benchmarks.md, "session 7"); the same with a prefill budget of 16384 tokens
-#   (37 one-tile prompts per prefill step instead of 18). The images are written by a process pool (seconds).
+#   raylens with lmdeploy's engine in a process of its own (`enable_mp_engine`, as lmdeploy's api_server runs
+#   it: its loop then holds no GIL of the actor that prepares requests, which session 7's timelines showed
+#   starving; docs/benchmarks.md, "session 7"); the same double-buffered (16 batches in flight,
+#   max_batch_size 256). The images are written by a process pool (seconds).
 set -u -o pipefail
 source .devsite/activate.sh
 mkdir -p /tmp/devsite/ray/dashboard/client/build/static $OUT/logs  # the carried Ray has no dashboard build
@@ -21,10 +22,9 @@ echo "images and checkpoint rc=$? after ${SECONDS}s"
 step i16-2b-t1-pipeline 125 --tiles 1 --images 1536 --contenders pipeline
 step i16-2b-t1-raylens 140 --tiles 1 --images 4096 --contenders raylens
 cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens.contender.log 2>/dev/null
-step i16-2b-t1-raylens-gil05-db16 140 --tiles 1 --images 4096 --contenders raylens --batches-in-flight 16 \
-    --engine-options '{"gil_switch_interval_ms": 0.5, "max_batch_size": 256}'
-cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens-gil05-db16.contender.log 2>/dev/null
-step i16-2b-t1-raylens-gil05-db16-prefill16k 140 --tiles 1 --images 4096 --contenders raylens --batches-in-flight 16 \
-    --engine-options '{"gil_switch_interval_ms": 0.5, "max_batch_size": 256, "max_prefill_token_num": 16384}'
-cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens-gil05-db16-prefill16k.contender.log 2>/dev/null
+step i16-2b-t1-raylens-mp 140 --tiles 1 --images 4096 --contenders raylens --engine-options '{"enable_mp_engine": true}'
+cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens-mp.contender.log 2>/dev/null
+step i16-2b-t1-raylens-mp-db16 140 --tiles 1 --images 4096 --contenders raylens --batches-in-flight 16 \
+    --engine-options '{"enable_mp_engine": true, "max_batch_size": 256}'
+cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens-mp-db16.contender.log 2>/dev/null
 python -m bench.throughput table $OUT/i16-2b-*.json

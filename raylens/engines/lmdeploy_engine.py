@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Sequence
@@ -145,11 +146,29 @@ def _quiet_host_memory_housekeeping(async_engine, trim_every: int) -> None:
     backend = getattr(async_engine, "engine", None)  # the PyTorch Engine when it runs in this process
     if backend is not None and hasattr(backend, "_multimodal_session_trim_count"):
         backend._multimodal_session_trim_count = max(0, int(trim_every))
+    elif _runs_in_child_process(backend):
+        pass  # its own process read TRIM_COUNT_ENV when it started (`_engine_process_env`)
     else:
         logger.warning("lmdeploy's engine has no _multimodal_session_trim_count: its periodic gc.collect() "
                        "stays on (check after an lmdeploy upgrade)")
     gc.collect()
     gc.freeze()
+
+
+TRIM_COUNT_ENV = "LMDEPLOY_MULTIMODAL_SESSION_TRIM_COUNT"
+
+
+def _runs_in_child_process(backend) -> bool:
+    """True for lmdeploy's multi-process engine (`enable_mp_engine`), whose scheduler and model run in a
+    process of their own, reached over ZMQ."""
+    return backend is not None and type(backend).__name__.endswith("MPEngine")
+
+
+def _engine_process_env(memory_trim_every: int) -> dict[str, str]:
+    """Environment the engine's own process must start with. With `enable_mp_engine` lmdeploy spawns the
+    engine in a child that reads `TRIM_COUNT_ENV` at import and inherits this process's environment, so the
+    trim setting travels that way (in this process the engine's attribute is set instead)."""
+    return {TRIM_COUNT_ENV: str(max(0, int(memory_trim_every)))}
 
 
 class LMDeployEngine:
@@ -184,6 +203,10 @@ class LMDeployEngine:
         gives the GIL up (numpy, PIL, the tokenizer release it) waits up to a whole interval to get it
         back, several times per request, so requests reach lmdeploy late (see `bench/results/s7`).
 
+        `enable_mp_engine=True` (lmdeploy's own option, as `api_server` sets it) runs lmdeploy's scheduler and
+        model in a child process reached over ZMQ, so its loop no longer competes for this process's GIL with
+        the threads that prepare requests; the trim setting reaches the child through its environment.
+
         `log_level`: lmdeploy's own logger. Its `pipeline()` sets WARNING; an engine built directly, as here,
         is left at INFO, which logs two or three lines per request from the engine's loop (5,569 lines for
         2,048 images in the batch job, each one shipped to the driver when Ray forwards worker output).
@@ -205,6 +228,8 @@ class LMDeployEngine:
         self.template = self.spec.chat_template()
         if tp > 1:
             _keep_actor_connected_to_ray()
+        if config_options.get("enable_mp_engine"):
+            os.environ.update(_engine_process_env(memory_trim_every))
         if not config_options.get("num_gpu_blocks"):
             cache_max_entry_count = self._usable_cache_fraction(cache_max_entry_count, max_batch_size, session_len, tp)
         config = PytorchEngineConfig(

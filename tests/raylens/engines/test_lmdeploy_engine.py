@@ -79,6 +79,22 @@ def test_demo_model_captions_identically_on_both_engines(preprocess):
     assert all(r.text.startswith("a ") and r.text.endswith("background.") for r in lm), [r.text for r in lm]
 
 
+def test_demo_model_captions_alike_with_lmdeploy_in_a_process_of_its_own():
+    """`enable_mp_engine`: lmdeploy's scheduler and model in a child process (as its api_server runs them); our
+    prepared inputs cross to it over ZMQ and the answers stay those of the in-process engine."""
+    from raylens.engines.lmdeploy_engine import TRIM_COUNT_ENV
+
+    images = [p.read_bytes() for p in sorted(EXAMPLES.iterdir())]
+    question, params = "Provide a one-sentence caption for the provided image.", SamplingParams(max_new_tokens=16)
+    here = _lmdeploy(str(DEMO_MODEL_DIR), images, None, question, params, cache_max_entry_count=0.2)
+    child = _lmdeploy(str(DEMO_MODEL_DIR), images, None, question, params, cache_max_entry_count=0.2,
+                      enable_mp_engine=True, memory_trim_every=4096)
+    assert all(r.error is None for r in child), [r.error for r in child]
+    assert [r.text for r in child] == [r.text for r in here]
+    assert [r.num_input_tokens for r in child] == [r.num_input_tokens for r in here]
+    assert os.environ[TRIM_COUNT_ENV] == "4096"  # what the child was started with
+
+
 def test_lmdeploy_logs_nothing_per_request_unless_asked():
     """lmdeploy's logger is left at INFO by an engine built without its pipeline(): lines for every request.
     In a fresh process, as in an engine actor: lmdeploy's first import is what sets INFO."""

@@ -46,3 +46,20 @@ def test_gil_switch_interval_is_set_in_milliseconds_and_bounded():
         assert sys.getswitchinterval() == pytest.approx(0.0005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_an_engine_in_its_own_process_gets_the_trim_setting_through_its_environment(caplog):
+    from raylens.engines.lmdeploy_engine import TRIM_COUNT_ENV, _engine_process_env
+
+    assert _engine_process_env(8192) == {TRIM_COUNT_ENV: "8192"}
+    assert _engine_process_env(-5) == {TRIM_COUNT_ENV: "0"}
+
+    class ZMQMPEngine:  # lmdeploy's multi-process engine: nothing to set in this process, nothing to warn of
+        pass
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            _quiet_host_memory_housekeeping(SimpleNamespace(engine=ZMQMPEngine()), 8192)
+        assert "gc.collect() stays on" not in caplog.text
+    finally:
+        gc.unfreeze()
