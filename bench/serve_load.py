@@ -7,7 +7,8 @@ endpoint and lmdeploy's own `api_server`, same checkpoint, same requests, same m
 Each request: one 640x480 JPEG as a data URL + "Describe the image.", 64 new tokens with `ignore_eos`,
 greedy, streamed with `stream_options.include_usage`. At each concurrency C, C client tasks send requests
 back to back for `--level-seconds` (at least `C` requests in all); the level reports requests/s and output
-tokens/s over its wall time, p50/p99 latency and time to first token (TTFT), and failures by status.
+tokens/s over its wall time, p50/p99 latency and time to first token (TTFT), and failures by status. A last
+row (`probe: max_tokens=1`) times one-token answers at C=1: the time to first token whatever that token is.
 The batch job's steady-state images/s on the same checkpoint and tiles comes from `bench.throughput`'s
 raylens contender (the issue's goal: >= 0.8x the batch job and >= 2x api_server at C=64).
 """
@@ -124,6 +125,15 @@ async def sweep(url: str, model: str, api_key: str | None, image_url: str, level
               f"latency p50 {row['latency_p50_s']} p99 {row['latency_p99_s']} TTFT p50 {row['ttft_p50_s']} "
               f"p99 {row['ttft_p99_s']} failures {row['failures']}", flush=True)
         rows.append(row)
+    # Time to first token measured without the answer's text: with random weights an answer may start with tokens
+    # that show no text yet (pieces of a UTF-8 character, held back by the detokenizer), and the two servers' answers
+    # differ, so the first *visible* token can come several decode steps later on one than on the other. A
+    # one-token answer's whole latency is prefill + first token + the way back, whatever the token is.
+    row = await run_level(url, model, api_key, image_url, 1, seconds / 2, 1, extra)
+    row["probe"] = "max_tokens=1"
+    print(f"  one-token answers at C=1: latency p50 {row['latency_p50_s']} p99 {row['latency_p99_s']} "
+          f"({row['ok']} requests)", flush=True)
+    rows.append(row)
     return rows
 
 
@@ -228,8 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--level-seconds", type=float, default=25.0, help="time each concurrency level sends requests")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--contenders", nargs="+", default=["raylens", "api_server", "batch"],
-                   choices=["raylens", "raylens-single", "api_server", "batch"],
-                   help="raylens-single: the endpoint with layout single (one deployment)")
+                   choices=["raylens", "raylens-single", "raylens-mp", "raylens-single-mp", "api_server", "batch"],
+                   help="raylens-single: the endpoint with layout single (one deployment); -mp: lmdeploy's engine in "
+                        "a process of its own (enable_mp_engine, as api_server runs it)")
     p.add_argument("--batch-images", type=int, default=512, help="images the batch job captions")
     p.add_argument("--engine-args", default="{}", help="JSON options of the raylens lmdeploy engine")
     p.add_argument("--engine", default="lmdeploy", choices=["lmdeploy", "transformers"],
@@ -280,8 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
             Path(args.out).write_text(json.dumps(results, indent=2))
             continue
         if name.startswith("raylens"):
-            server = RaylensServer(checkpoint, args.tiles, json.loads(args.engine_args), args.engine,
-                                   layout="single" if name == "raylens-single" else "split")
+            engine_args = json.loads(args.engine_args)
+            if name.endswith("-mp"):
+                engine_args["enable_mp_engine"] = True
+            server = RaylensServer(checkpoint, args.tiles, engine_args, args.engine,
+                                   layout="single" if "-single" in name else "split")
         else:
             server = ApiServer(checkpoint, work / "api_server.log")
         try:

@@ -10,7 +10,7 @@ source .devsite/activate.sh
 mkdir -p /tmp/devsite/ray/dashboard/client/build/static $OUT  # the carried Ray has no dashboard build
 export LMDEPLOY_ENABLE_CHECK_ENV=0
 timeout 580 python -m bench.serve_load --size 2b --tiles 12 --concurrency 1 64 --level-seconds 12 \
-  --contenders raylens raylens-single api_server --workdir /tmp/serve-load --out "$OUT/serve-load-layouts-2b-t12.json" \
+  --contenders raylens raylens-single raylens-single-mp api_server --workdir /tmp/serve-load --out "$OUT/serve-load-layouts-2b-t12.json" \
   > $OUT/serve-load.log 2>&1
 echo "serve_load rc=$? after ${SECONDS}s"; grep -vE "^\(|INFO|WARNING" $OUT/serve-load.log | tail -30
 cp /tmp/serve-load/api_server.log "$OUT/" 2>/dev/null || true

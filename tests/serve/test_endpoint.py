@@ -466,13 +466,17 @@ def test_load_benchmark_quick_mode_runs_against_the_endpoint(endpoint, tmp_path)
 
     results = main(["--quick", "--url", endpoint, "--api-key", KEY, "--out", str(tmp_path / "r.json"),
                     "--workdir", str(tmp_path / "work")])
-    levels = results["contenders"]["endpoint"]["levels"]
+    rows = results["contenders"]["endpoint"]["levels"]
+    levels, (probe,) = rows[:-1], rows[-1:]
     assert [row["concurrency"] for row in levels] == [1, 2]
     for row in levels:
         assert row["ok"] >= row["concurrency"] and not row["failures"]
         assert row["mean_output_tokens"] == 4  # ignore_eos: exactly max_tokens
         assert row["ttft_p50_s"] is not None and row["ttft_p50_s"] <= row["latency_p50_s"]
-    assert json.loads((tmp_path / "r.json").read_text())["contenders"]["endpoint"]["levels"] == levels
+    # one-token answers: the time to first token whatever the token shows
+    assert probe["probe"] == "max_tokens=1" and probe["concurrency"] == 1 and not probe["failures"]
+    assert probe["ok"] >= 1 and probe["mean_output_tokens"] == 1
+    assert json.loads((tmp_path / "r.json").read_text())["contenders"]["endpoint"]["levels"] == rows
 
 
 def test_ttft_split_measures_both_sides(endpoint):

@@ -24,7 +24,9 @@ def test_serve_load_starts_and_sweeps_both_layouts(tmp_path):
     assert set(contenders) == {"raylens", "raylens-single"}
     for name, result in contenders.items():
         assert "error" not in result, (name, result)
-        assert [row["concurrency"] for row in result["levels"]] == [1, 2]
-        for row in result["levels"]:
+        levels, probe = result["levels"][:-1], result["levels"][-1]
+        assert [row["concurrency"] for row in levels] == [1, 2]
+        assert probe["probe"] == "max_tokens=1" and probe["ok"] >= 1 and probe["mean_output_tokens"] == 1
+        for row in levels:
             assert row["ok"] >= row["concurrency"] and not row["failures"], (name, row)
             assert row["mean_output_tokens"] == 4
