@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches-in-flight", type=int, default=8, help="the raylens contenders' --batches-in-flight")
     p.add_argument("--engine", default="lmdeploy", help="the raylens contenders' engine (transformers: a CPU smoke run)")
     p.add_argument("--engine-options", default="{}", help="JSON PytorchEngineConfig options for lmdeploy contenders")
+    p.add_argument("--tiles-on-cpu", action="store_true", help="the raylens contenders' --tiles-on-cpu (tiles cut and "
+                   "normalised in the CPU stage)")
     p.add_argument("--workdir", default="/tmp/raylens-bench")
     p.add_argument("--timeout", type=int, default=400, help="seconds per contender run")
     p.add_argument("--out", required=True, help="JSON file for the raw results")
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                         workload=a.workload, max_new_tokens=OUTPUT_LENGTHS[1] if mixed else a.max_new_tokens, batch_size=a.batch_size, replicas=a.replicas,
                         gpus_per_replica=a.gpus_per_replica, engine_options=json.loads(a.engine_options),
                         engine=a.engine, batches_in_flight=a.batches_in_flight, timeline=a.timeline,
+                        tiles_on_cpu=a.tiles_on_cpu,
                         self_profile=a.self_profile and {"dir": a.self_profile, "after_s": a.self_profile_after_s,
                                                          "duration_s": a.self_profile_s})
             for name in a.contenders:

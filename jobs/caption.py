@@ -49,7 +49,7 @@ from jobs.caption_output import (
     top_level_files,
     write_manifest,
 )
-from raylens.images import TilingSpec
+from raylens.images import TILE_DTYPES, TilingSpec
 from raylens.sources import InputItem, ReadRoots, list_inputs
 from raylens.storage import S3Settings, ensure_writable_dir, resolve_filesystem, write_atomically
 
@@ -104,6 +104,7 @@ class JobPlan:
     uses_demo_model: bool
     manifest: Manifest
     read_roots: ReadRoots | None = None  # where manifest rows may read (raylens.sources); None: not a manifest
+    model_dtype: str = "bfloat16"  # the checkpoint's torch_dtype: what --tiles-on-cpu normalises into for lmdeploy
 
     def shard_of(self, index: int) -> int:
         return index // self.manifest.shard_size
@@ -166,7 +167,7 @@ def setup(config: CaptionJobConfig, env: dict[str, str] | None = None) -> JobPla
         config=config, s3=s3, in_fs=in_fs, in_root=in_root, out_fs=out_fs, out_root=out_root, items=items,
         extra_fields=_extra_fields(items, extra_names), extra_names=extra_names, model_dir=model_dir,
         model_name=model_name, tiling=tiling, uses_demo_model=config.model is None, manifest=manifest,
-        read_roots=listing.roots,
+        read_roots=listing.roots, model_dtype=spec.torch_dtype,
     )
 
 
@@ -323,6 +324,9 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
     size = max(cfg.batch_size, -(-len(rows) // 20_000))
     ds = ray.data.from_arrow([listing.slice(i, size) for i in range(0, len(rows), size)])
     fetcher = UrlFetcher(allowed_domains=cfg.allowed_domain_set())
+    engine = cfg.engine
+    if engine == "auto":
+        engine = "lmdeploy" if has_gpus and _lmdeploy_installed() else "transformers"
     with quiet_ray_data_deprecations():  # ray_remote_args_fn: no named replacement in Ray 2.60
         ds = ds.map_batches(
             prepare_batch,
@@ -330,15 +334,12 @@ def build_dataset(plan: JobPlan, rows: list[dict]):
             batch_format="pyarrow",
             fn_kwargs=dict(filesystems=SourceFilesystems.create(plan.s3, roots=plan.read_roots), fetcher=fetcher, tiling=plan.tiling,
                            max_pixels=cfg.max_pixels, log_level=cfg.log_level, fast_jpeg=cfg.fast_jpeg_decode,
-                           background=cfg.alpha_background_rgb()),
+                           background=cfg.alpha_background_rgb(), tiles_dtype=tiles_dtype_for(cfg, plan, engine)),
             num_cpus=1,
             # Spread decoding over the cluster's CPUs. Passing the args through a function also keeps Ray
             # Data from fusing this stage into the engine actors: fused, the GPU actor would decode images.
             ray_remote_args_fn=_spread,
         )
-    engine = cfg.engine
-    if engine == "auto":
-        engine = "lmdeploy" if has_gpus and _lmdeploy_installed() else "transformers"
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=cfg.seed, ignore_eos=cfg.ignore_eos)
     engine_options = engine_options_for(cfg, engine, has_gpus)
@@ -415,6 +416,17 @@ def record_lost_rows(plan: JobPlan, writer: ShardWriter, rows: list[dict]) -> No
             if (r["id"], j) not in seen
         ]
         writer.add(pa.Table.from_pylist(lost, schema=schema))
+
+
+def tiles_dtype_for(cfg: CaptionJobConfig, plan: JobPlan, engine: str) -> str | None:
+    """What the CPU stage normalises tiles into with --tiles-on-cpu (None: the engine makes them): float32 for the
+    transformers engine, which computes its inputs in float32 first; the checkpoint's dtype otherwise (lmdeploy
+    feeds the vision tower in it). An engine given tiles in another dtype than its own makes them again from the
+    pixels, so a wrong guess costs time, never a different answer."""
+    if not cfg.tiles_on_cpu:
+        return None
+    dtype = "float32" if engine == "transformers" else plan.model_dtype
+    return dtype if dtype in TILE_DTYPES else "float32"
 
 
 def engine_options_for(cfg: CaptionJobConfig, engine: str, has_gpus: bool) -> dict:

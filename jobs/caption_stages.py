@@ -9,6 +9,8 @@ Column flow for one image `cats/a.jpg` under `--input /data` (a manifest adds it
                       __grid_rows, __orig_width, __orig_height, __thumbnail (raw uint8 RGB tile made from the
                       original, or empty), __tile_size, __min_tiles, __max_tiles, __use_thumbnail (the tiling
                       the image was prepared with: the engine cuts it with that, --max-tiles travels only here),
+                      __pixel_values, __pixel_dtype (with --tiles-on-cpu: the tiles cut and normalised in the
+                      model's dtype, which the engine forwards as they are; else empty and null),
                       num_tiles, error (null, or "ImageError(kind): ..." / "SourceError(kind): ..."),
                       error_kind ("image.<kind>" / "source.<kind>"), stage
     generate (GPU)  -> one row per (image, prompt): id, prompt_index, image, prompt, text, error, error_kind, stage,
@@ -47,7 +49,7 @@ from jobs.caption_runtime import configure_logging
 from raylens.engines.base import EngineDeadError, SamplingParams, VLRequest, format_error
 from raylens.errors import KindError
 from raylens.fetch import UrlFetcher
-from raylens.images import RGB, PreparedImage, TilingSpec, decode_prepared
+from raylens.images import RGB, TILE_DTYPES, PreparedImage, TilingSpec, decode_prepared, with_pixel_values
 from raylens.sources import SourceError, SourceFilesystems, read_source
 
 logger = logging.getLogger(__name__)
@@ -62,13 +64,15 @@ PREPARED_FIELDS = [
     ("__pixels", pa.binary()), ("__height", pa.int32()), ("__width", pa.int32()), ("__grid_cols", pa.int32()),
     ("__grid_rows", pa.int32()), ("__orig_width", pa.int32()), ("__orig_height", pa.int32()),
     ("__thumbnail", pa.binary()), ("__tile_size", pa.int32()), ("__min_tiles", pa.int32()), ("__max_tiles", pa.int32()),
-    ("__use_thumbnail", pa.bool_()), ("num_tiles", pa.int32()), ("error", pa.string()), ("error_kind", pa.string()),
-    ("stage", pa.string()),
+    ("__use_thumbnail", pa.bool_()), ("__pixel_values", pa.large_binary()), ("__pixel_dtype", pa.string()),
+    ("num_tiles", pa.int32()), ("error", pa.string()), ("error_kind", pa.string()), ("stage", pa.string()),
 ]
+# Columns whose bytes the engine stage reads in place (Arrow buffers), not through Python copies.
+_BYTES_COLUMNS = ("__pixels", "__thumbnail", "__pixel_values")
 # What an image-less (failed) row carries in those columns.
 _EMPTY_PREPARED = {"__pixels": b"", "__height": 0, "__width": 0, "__grid_cols": 0, "__grid_rows": 0, "__orig_width": 0,
                    "__orig_height": 0, "__thumbnail": b"", "__tile_size": 0, "__min_tiles": 0, "__max_tiles": 0,
-                   "__use_thumbnail": False, "num_tiles": 0}
+                   "__use_thumbnail": False, "__pixel_values": b"", "__pixel_dtype": None, "num_tiles": 0}
 # Exit status of an engine actor whose engine died: Ray sees an unexpected exit and restarts the actor.
 ENGINE_DEAD_EXIT = 70
 OUTPUT_SCHEMA = pa.schema([
@@ -130,10 +134,10 @@ def error_kind_of(exc: BaseException, stage: str) -> str:
 
 def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: UrlFetcher, tiling: TilingSpec,
                   max_pixels: int, log_level: str = "WARNING", fast_jpeg: bool = False,
-                  background: RGB | None = None) -> pa.Table:
+                  background: RGB | None = None, tiles_dtype: str | None = None) -> pa.Table:
     """Read, decode, validate and downscale each image (CPU task). Failures become that row's error.
     `fast_jpeg` and `background` are `raylens.images.decode_prepared`'s options (--fast-jpeg-decode,
-    --alpha-background)."""
+    --alpha-background). `tiles_dtype` (--tiles-on-cpu): also cut and normalise the tiles, in that dtype."""
     configure_logging(log_level)
     out: dict[str, list] = {name: [] for name, _ in PREPARED_FIELDS}
     listing_errors = batch.column("__listing_error").to_pylist()
@@ -145,6 +149,8 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
             data = read_source(source, filesystems=filesystems, fetcher=fetcher)
             stage = "decode"
             prepared = decode_prepared(data, tiling, max_pixels=max_pixels, fast_jpeg=fast_jpeg, background=background)
+            if tiles_dtype is not None:
+                prepared = with_pixel_values(prepared, tiles_dtype, tiling)
         except Exception as exc:  # noqa: BLE001 - every failure is data about this row
             for k, v in _EMPTY_PREPARED.items():
                 out[k].append(v)
@@ -166,6 +172,8 @@ def prepare_batch(batch: pa.Table, *, filesystems: SourceFilesystems, fetcher: U
         out["__min_tiles"].append(tiling.min_tiles)
         out["__max_tiles"].append(tiling.max_tiles)
         out["__use_thumbnail"].append(tiling.use_thumbnail)
+        out["__pixel_values"].append(b"" if prepared.pixel_values is None else prepared.pixel_values.tobytes())
+        out["__pixel_dtype"].append(prepared.pixel_dtype)
         out["num_tiles"].append(prepared.num_tiles)
         out["error"].append(None)
         out["error_kind"].append(None)
@@ -181,11 +189,41 @@ def _prepared_from_row(row: dict) -> PreparedImage:
     tiling = TilingSpec(tile_size=int(row["__tile_size"]), min_tiles=int(row["__min_tiles"]),
                         max_tiles=int(row["__max_tiles"]), use_thumbnail=bool(row["__use_thumbnail"]))
     thumbnail = None
-    if row["__thumbnail"]:
+    if len(row["__thumbnail"]):
         thumbnail = np.frombuffer(row["__thumbnail"], dtype=np.uint8).reshape(tiling.tile_size, tiling.tile_size, 3)
+    values, dtype = None, row.get("__pixel_dtype")
+    if dtype is not None:
+        t = tiling.tile_size
+        values = np.frombuffer(row["__pixel_values"], dtype=TILE_DTYPES[dtype]).reshape(int(row["num_tiles"]), 3, t, t)
     return PreparedImage(pixels=pixels, grid=(int(row["__grid_cols"]), int(row["__grid_rows"])),
                          num_tiles=int(row["num_tiles"]), original_size=(int(row["__orig_width"]), int(row["__orig_height"])),
-                         tiling=tiling, thumbnail=thumbnail)
+                         tiling=tiling, thumbnail=thumbnail, pixel_values=values, pixel_dtype=dtype)
+
+
+def _rows_of(batch: pa.Table) -> list[dict]:
+    """The batch's rows as dicts, the image bytes as Arrow buffers in place: `to_pylist` would copy every image
+    (and every tile, with --tiles-on-cpu) into Python bytes, on the engine actor's event loop."""
+    names = [n for n in _BYTES_COLUMNS if n in batch.column_names]
+    rows = batch.drop_columns(names).to_pylist()
+    for name in names:
+        for row, value in zip(rows, _binary_views(batch.column(name))):
+            row[name] = value
+    return rows
+
+
+def _binary_views(column: pa.ChunkedArray) -> list[pa.Buffer]:
+    """Each value of a binary column as a zero-copy slice of the column's data buffer (a scalar's `as_buffer()`
+    copies); a null is an empty buffer."""
+    views = []
+    for chunk in column.chunks:
+        _, offsets_buffer, data = chunk.buffers()
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        for i in range(len(chunk)):
+            start, end = int(offsets[i]), int(offsets[i + 1])
+            views.append(data.slice(start, end - start) if valid[i] and data is not None else pa.py_buffer(b""))
+    return views
 
 
 class GenerateStage:
@@ -221,7 +259,7 @@ class GenerateStage:
         rows: list[dict] = []
         requests: list[VLRequest] = []
         slots: list[int] = []
-        for row in batch.to_pylist():
+        for row in _rows_of(batch):
             prepared = _prepared_from_row(row) if row["error"] is None else None
             for j, prompt in enumerate(prompts_of(row, self.prompts, self.use_question_column)):
                 out = output_row(row, j, prompt, model=self.model_name, extra_names=self.extra_names, error=row["error"],

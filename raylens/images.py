@@ -28,6 +28,7 @@ PIL's own bomb limit still applies, so a ``max_pixels`` above it is capped by it
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from contextlib import contextmanager
@@ -51,6 +52,9 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # other plugins (EPS runs Ghostscript, WMF, HDF5, ...) are attack surface nobody asked for.
 DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
+# The dtypes tiles can be normalised into, and the numpy dtype that holds each (bfloat16: its bit patterns).
+TILE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                                    "bfloat16": np.dtype(np.uint16)}
 ERROR_KINDS = frozenset({"empty", "too_large", "not_an_image", "truncated", "decode"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _BICUBIC = Image.Resampling.BICUBIC
@@ -105,6 +109,11 @@ class PreparedImage:
     original_size: tuple[int, int]
     tiling: TilingSpec | None = None
     thumbnail: np.ndarray | None = None
+    # The tiles already cut and normalised ([num_tiles, 3, tile, tile] in `pixel_dtype`; bfloat16 as the
+    # uint16 bit patterns, numpy having no bfloat16): made by the CPU stage (`with_pixel_values`) so that an
+    # engine only forwards them. Always equal to what `pixel_values_for` computes from `pixels`.
+    pixel_values: np.ndarray | None = None
+    pixel_dtype: str | None = None
 
     def __post_init__(self) -> None:
         p = self.pixels
@@ -120,6 +129,17 @@ class PreparedImage:
             raise ValueError(f"PreparedImage.num_tiles {self.num_tiles} does not fit grid {self.grid}")
         if self.tiling is not None and self.num_tiles != num_tiles_for(self.grid, self.tiling):
             raise ValueError(f"PreparedImage.num_tiles {self.num_tiles} does not fit grid {self.grid} under {self.tiling}")
+        v = self.pixel_values
+        if (v is None) != (self.pixel_dtype is None):
+            raise ValueError("PreparedImage.pixel_values and pixel_dtype go together")
+        if v is not None:
+            if self.pixel_dtype not in TILE_DTYPES:
+                raise ValueError(f"PreparedImage.pixel_dtype must be one of {tuple(TILE_DTYPES)}, got {self.pixel_dtype!r}")
+            if not isinstance(v, np.ndarray) or v.dtype != TILE_DTYPES[self.pixel_dtype] or v.ndim != 4 \
+                    or v.shape[0] != self.num_tiles or v.shape[1] != 3 or v.shape[2] != v.shape[3]:
+                raise ValueError(f"PreparedImage.pixel_values must be a {TILE_DTYPES[self.pixel_dtype]} "
+                                 f"[{self.num_tiles}, 3, tile, tile] array, got {getattr(v, 'dtype', type(v).__name__)} "
+                                 f"{getattr(v, 'shape', '')}")
         t = self.thumbnail
         if t is not None:
             size = self.tiling.tile_size if self.tiling is not None else t.shape[0]
@@ -389,11 +409,12 @@ def make_tiles(prepared: PreparedImage, spec: TilingSpec | None = None) -> list[
     return tiles
 
 
-def normalize_tiles(tiles: Sequence[Image.Image], *, tile_size: int | None = None) -> np.ndarray:
+def normalize_tiles(tiles: Sequence[Image.Image], *, tile_size: int | None = None, dtype: str = "float32") -> np.ndarray:
     """float32 [N, 3, tile, tile]: ToTensor (/255) then ImageNet Normalize, like InternVL's transform.
 
     ``tile_size`` defaults to the first tile's (square) size; tiles of another size are resized to it
-    with BICUBIC, as the reference transform's Resize does.
+    with BICUBIC, as the reference transform's Resize does. ``dtype`` "float16" or "bfloat16" gives those
+    float32 values rounded to that type (as torch's ``.to(dtype)`` rounds them; bfloat16 as uint16 bits).
     """
     if tile_size is None:
         if not tiles:
@@ -410,24 +431,44 @@ def normalize_tiles(tiles: Sequence[Image.Image], *, tile_size: int | None = Non
         if tile.size != (tile_size, tile_size):
             tile = tile.resize((tile_size, tile_size), _BICUBIC)
         out[k] = np.asarray(tile, dtype=np.uint8).transpose(2, 0, 1)
-    values = np.empty(out.shape, dtype=np.float32)
-    tables = _normalisation_tables()
+    tables = _normalisation_tables(dtype)
+    values = np.empty(out.shape, dtype=tables.dtype)
     for k in range(len(tiles)):  # contiguous [tile, tile] planes: np.take is fastest on those
         for channel in range(3):
             np.take(tables[channel], out[k, channel], out=values[k, channel])
     return values
 
 
-def _normalisation_tables() -> np.ndarray:
-    """[3, 256] float32: the normalised value of every uint8 level, per channel."""
+@lru_cache(maxsize=None)
+def _normalisation_tables(dtype: str = "float32") -> np.ndarray:
+    """[3, 256]: the normalised value of every uint8 level, per channel, in `dtype` (see `normalize_tiles`)."""
+    if dtype not in TILE_DTYPES:
+        raise ValueError(f"tiles can be normalised into {tuple(TILE_DTYPES)}, not {dtype!r}")
     levels = np.arange(256, dtype=np.float32)[:, None]
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
     std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    return np.ascontiguousarray(((levels / np.float32(255.0) - mean) / std).T)
+    table = np.ascontiguousarray(((levels / np.float32(255.0) - mean) / std).T)
+    if dtype == "float16":
+        table = table.astype(np.float16)  # IEEE round to nearest even, as torch rounds
+    elif dtype == "bfloat16":  # the upper 16 bits, rounded to nearest even (the table holds no NaN or inf)
+        bits = table.view(np.uint32)
+        table = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    table.setflags(write=False)  # shared by every caller (cached)
+    return table
 
 
 def pixel_values_for(prepared: PreparedImage, spec: TilingSpec | None = None) -> np.ndarray:
     """The engine-side step: PreparedImage -> float32 [num_tiles, 3, tile, tile] (``spec`` defaults to
-    the image's own tiling)."""
+    the image's own tiling). Tiles the CPU stage already made in float32 are returned as they are."""
     spec = _tiling_for(prepared, spec)
+    if prepared.pixel_dtype == "float32":
+        return prepared.pixel_values
     return normalize_tiles(make_tiles(prepared, spec), tile_size=spec.tile_size)
+
+
+def with_pixel_values(prepared: PreparedImage, dtype: str, spec: TilingSpec | None = None) -> PreparedImage:
+    """`prepared` carrying its normalised tiles in `dtype` (a `TILE_DTYPES` name): the CPU stage's share of an
+    engine's work when the job runs with --tiles-on-cpu."""
+    spec = _tiling_for(prepared, spec)
+    values = normalize_tiles(make_tiles(prepared, spec), tile_size=spec.tile_size, dtype=dtype)
+    return dataclasses.replace(prepared, pixel_values=values, pixel_dtype=dtype)

@@ -16,7 +16,7 @@ import numpy as np
 
 from raylens.conversation import render_spans
 from raylens.engines.base import RequestError, VLRequest
-from raylens.images import TilingSpec, pixel_values_for
+from raylens.images import PreparedImage, TilingSpec, num_tiles_for, pixel_values_for
 from raylens.prompts import IMAGE_PLACEHOLDER, IMG_CONTEXT, ChatTemplate, image_block
 
 if TYPE_CHECKING:
@@ -90,28 +90,43 @@ class CachedPromptTokenizer:
         return getattr(self.tokenizer, name)
 
 
+def tiling_of(image: PreparedImage, spec: "ModelSpec", tiling: TilingSpec | None = None) -> TilingSpec:
+    """The tiling `image` is cut with: its own (the one it was prepared with), else `tiling`, else the
+    checkpoint's; it must have the checkpoint's tile size."""
+    image_tiling = image.tiling or tiling or spec.tiling()
+    if image_tiling.tile_size != spec.tile_size:
+        raise ValueError(f"an image was prepared with {image_tiling.tile_size}-px tiles; this checkpoint "
+                         f"uses {spec.tile_size}-px tiles")
+    return image_tiling
+
+
 def encode_request(req: VLRequest, *, spec: "ModelSpec", tokenizer, template: ChatTemplate | None = None,
                    system_message: str | None = None, tiling: TilingSpec | None = None,
-                   with_labels: bool = False) -> EncodedRequest:
+                   with_labels: bool = False, with_pixels: bool = True) -> EncodedRequest:
     """Token ids, tiles and image positions of `req` for the checkpoint `spec`.
 
     `template` and `system_message` default to the checkpoint's (`spec.chat_template()`,
     `spec.system_message`); a conversation's own `system` wins over both. Each image is cut with the tiling
     it was prepared with (`PreparedImage.tiling`; `tiling`, else the checkpoint's, for images that do not
     say), which must have the checkpoint's tile size. RequestError when the text itself holds
-    `<IMG_CONTEXT>` (it would break the image alignment).
+    `<IMG_CONTEXT>` (it would break the image alignment). `with_pixels=False` leaves `pixel_values` None, for a
+    caller that takes each image's tiles itself (the lmdeploy engine forwards tiles the CPU stage made).
     """
     template = template or spec.chat_template()
     system_message = spec.system_message if system_message is None else system_message
     conversation, images = req.as_conversation()
     tiles = []
+    tiles_per_image = []
     for image in images:
-        image_tiling = image.tiling or tiling or spec.tiling()
-        if image_tiling.tile_size != spec.tile_size:
-            raise ValueError(f"an image was prepared with {image_tiling.tile_size}-px tiles; this checkpoint "
-                             f"uses {spec.tile_size}-px tiles")
-        tiles.append(pixel_values_for(image, image_tiling))
-    tiles_per_image = [t.shape[0] for t in tiles]
+        image_tiling = tiling_of(image, spec, tiling)
+        if with_pixels:
+            tiles.append(pixel_values_for(image, image_tiling))
+            tiles_per_image.append(tiles[-1].shape[0])
+        else:  # what pixel_values_for would make
+            n = num_tiles_for(image.grid, image_tiling)
+            if image.num_tiles != n:
+                raise ValueError(f"an image of {image.num_tiles} tiles was prepared with another tiling than {image_tiling}")
+            tiles_per_image.append(n)
     spans = _expanded_spans(render_spans(template, conversation, system_message=system_message),
                             [spec.image_tokens(n) for n in tiles_per_image])
     prompt = "".join(text for text, _ in spans)

@@ -13,7 +13,8 @@ raylens imports on machines without CUDA. Facts this relies on (notes/lmdeploy.m
   at tens of photos per second. With `preprocess="raylens"` (the default) we hand the engine ready
   inputs instead: token ids from our template and normalised tiles built on a thread pool, attached as
   the `multimodal` entries its InternVL input processor reads (pixel_values, offset, image_tokens,
-  image_token_id; one entry per image of a conversation). `preprocess="lmdeploy"` sends PIL images
+  image_token_id; one entry per image of a conversation). Tiles the batch job's CPU stage already made in the
+  model's dtype (`--tiles-on-cpu`) are forwarded as they are, a view of their bytes. `preprocess="lmdeploy"` sends PIL images
   through lmdeploy's own path (a comparison mode: it cannot leave out the system turn per request);
 * `stream` and `generate` read the same async output (`raylens.engines.text.AnswerText` makes the text), so
   a stream adds up to what generate returns. The final text is decoded here from the generated token ids,
@@ -44,9 +45,10 @@ from raylens.engines.base import (
     VLResult,
     format_error,
 )
-from raylens.engines.encoding import CachedPromptTokenizer, encode_request
+from raylens.engines.encoding import CachedPromptTokenizer, encode_request, tiling_of
 from raylens.engines.kv_cache import DEFAULT_CACHE_FRACTION, capped_cache_fraction
 from raylens.engines.text import AnswerText
+from raylens.images import PreparedImage, pixel_values_for
 from raylens.prompts import IMAGE_PLACEHOLDER, ChatTemplate
 
 PREPROCESS_MODES = ("raylens", "lmdeploy")
@@ -267,6 +269,7 @@ class LMDeployEngine:
             self._image_token_id = self._tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
             self._prompt_tokenizer = CachedPromptTokenizer(self._tokenizer)
             self._feature_dtype = getattr(torch, self.spec.torch_dtype, torch.bfloat16)
+            self._feature_dtype_name = str(self._feature_dtype).removeprefix("torch.")
             self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="raylens-prep")
 
     def _usable_cache_fraction(self, fraction: float, max_batch_size: int | None, session_len: int | None,
@@ -342,17 +345,27 @@ class LMDeployEngine:
 
     def _ready_inputs(self, req: VLRequest, params: SamplingParams) -> tuple[list[int], list[dict] | None]:
         """Token ids and the `multimodal` entries (one per image) lmdeploy's InternVL input processor reads."""
+        enc = encode_request(req, spec=self.spec, tokenizer=self._prompt_tokenizer, template=self.template,
+                             with_pixels=False)
+        self._check_length(len(enc.input_ids), params)
+        if not enc.images:
+            return enc.input_ids, None
+        _, images = req.as_conversation()
+        return enc.input_ids, [
+            dict(pixel_values=self._tiles(image), offset=encoded.offset, image_tokens=encoded.num_tokens,
+                 image_token_id=self._image_token_id)
+            for image, encoded in zip(images, enc.images)
+        ]
+
+    def _tiles(self, image: PreparedImage):
+        """`image`'s normalised tiles as a tensor of the vision tower's dtype: the CPU stage's own when it made
+        them in that dtype (--tiles-on-cpu: a view of their bytes, no work here), else made here."""
         import torch
 
-        enc = encode_request(req, spec=self.spec, tokenizer=self._prompt_tokenizer, template=self.template)
-        self._check_length(len(enc.input_ids), params)
-        if enc.pixel_values is None:
-            return enc.input_ids, None
-        return enc.input_ids, [
-            dict(pixel_values=torch.from_numpy(pixels).to(self._feature_dtype), offset=image.offset,
-                 image_tokens=image.num_tokens, image_token_id=self._image_token_id)
-            for image, pixels in zip(enc.images, enc.image_pixel_values())
-        ]
+        if image.pixel_dtype == self._feature_dtype_name:
+            tiles = torch.from_numpy(image.pixel_values)
+            return tiles.view(torch.bfloat16) if image.pixel_dtype == "bfloat16" else tiles
+        return torch.from_numpy(pixel_values_for(image, tiling_of(image, self.spec))).to(self._feature_dtype)
 
     def _check_length(self, n: int, params: SamplingParams) -> None:
         limit = getattr(self._engine, "session_len", None)

@@ -77,6 +77,21 @@ def test_good_and_bad_images_give_one_row_each(tmp_path, tiny_checkpoint, ray_lo
     assert on_disk["images_per_s"] > 0
 
 
+def test_tiles_made_in_the_cpu_stage_give_the_same_rows(tmp_path, tiny_checkpoint, ray_local):
+    """--tiles-on-cpu moves cutting and normalising out of the engine actor; every row stays what it was."""
+    src = tmp_path / "in"
+    _write_inputs(src, {**GOOD, "empty.png": b""})
+    results = {}
+    for on_cpu in (False, True):
+        out = tmp_path / f"out-{on_cpu}"
+        cfg = CaptionJobConfig(input=str(src), output=str(out), model=str(tiny_checkpoint), engine="transformers",
+                               max_new_tokens=6, batch_size=3, max_tiles=4, tiles_on_cpu=on_cpu)
+        main(setup(cfg))
+        results[on_cpu] = {k: (r["text"], r["num_tiles"], r["num_input_tokens"], r["error_kind"]) for k, r in _rows(out).items()}
+    assert results[True] == results[False]
+    assert results[True]["empty.png"][3] == "image.empty" and results[True]["red.png"][0]
+
+
 def test_only_bad_images_exit_1(tmp_path, tiny_checkpoint, ray_local):
     src = tmp_path / "in"
     _write_inputs(src, {"a.png": b"", "b.jpg": b"nope"})
@@ -143,7 +158,8 @@ def test_quick_start_command_captions_the_examples_with_the_demo_model(tmp_path)
     (["--replicas", "2", "--gpus-per-replica", "0.5"], 1),  # two engines share one GPU
     (["--replicas", "2"], 2),  # one engine per GPU
     (["--gpus-per-replica", "2"], 2),  # one engine over two GPUs (lmdeploy tp=2 in the actor's placement group)
-], ids=["one-gpu", "two-engines-one-gpu", "two-gpus", "tensor-parallel-2"])
+    (["--tiles-on-cpu"], 1),  # bf16 tiles made in the CPU stage, forwarded by the engine
+], ids=["one-gpu", "two-engines-one-gpu", "two-gpus", "tensor-parallel-2", "tiles-on-cpu"])
 def test_job_on_gpu_with_lmdeploy_engine(tmp_path, layout, gpus_needed):
     """The same job on the GPU machine: GPU actors running the lmdeploy engine, demo model, in each layout
     the CLI offers. lmdeploy's KV-cache sizing is left to the engine (capped at what the model can use)."""

@@ -18,6 +18,7 @@ from raylens.images import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TILE_DTYPES,
     ImageError,
     PreparedImage,
     TilingSpec,
@@ -29,6 +30,7 @@ from raylens.images import (
     num_tiles_for,
     pixel_values_for,
     prepare_image,
+    with_pixel_values,
 )
 
 
@@ -162,6 +164,42 @@ def test_normalize_tiles_equals_the_per_pixel_formula_exactly():
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tiles_normalised_into_a_half_type_are_the_float32_values_as_torch_rounds_them(dtype):
+    """--tiles-on-cpu ships tiles in the model's dtype: they must be the bits an engine gets from
+    `torch.from_numpy(float32 values).to(dtype)`, for every level of every channel and for a real image."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    arrays = [np.arange(256, dtype=np.uint8).repeat(3 * 16).reshape(64, 64, 3),
+              rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    tiles = [Image.fromarray(a) for a in arrays]
+    expected = torch.from_numpy(normalize_tiles(tiles)).to(getattr(torch, dtype))
+    out = normalize_tiles(tiles, dtype=dtype)
+    got = torch.from_numpy(out).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(out)
+    assert out.dtype == TILE_DTYPES[dtype] and torch.equal(got, expected)
+
+    spec = TilingSpec(tile_size=112, max_tiles=6)
+    prepared = prepare_image(Image.fromarray(rng.integers(0, 256, (150, 300, 3), dtype=np.uint8)), spec)
+    ready = with_pixel_values(prepared, dtype)
+    assert ready.pixel_dtype == dtype and ready.pixel_values.shape == (prepared.num_tiles, 3, 112, 112)
+    half = torch.from_numpy(ready.pixel_values)
+    half = half.view(torch.bfloat16) if dtype == "bfloat16" else half
+    assert torch.equal(half, torch.from_numpy(pixel_values_for(prepared)).to(getattr(torch, dtype)))
+    # a half-precision copy never stands in for float32 values: those are made from the pixels again
+    np.testing.assert_array_equal(pixel_values_for(ready), pixel_values_for(prepared))
+
+
+def test_float32_tiles_made_ahead_are_what_the_engine_side_would_make():
+    spec = TilingSpec(tile_size=112, max_tiles=6)
+    prepared = prepare_image(Image.fromarray(np.random.default_rng(6).integers(0, 256, (90, 250, 3), dtype=np.uint8)), spec)
+    ready = with_pixel_values(prepared, "float32")
+    assert pixel_values_for(ready) is ready.pixel_values
+    np.testing.assert_array_equal(ready.pixel_values, pixel_values_for(prepared))
+    with pytest.raises(ValueError, match="normalised into"):
+        with_pixel_values(prepared, "int8")
+
+
 def test_normalize_tiles_resizes_odd_tiles():
     out = normalize_tiles([Image.new("RGB", (64, 64)), Image.new("L", (30, 10), 255)])
     assert out.shape == (2, 3, 64, 64)
@@ -219,6 +257,15 @@ def test_prepared_image_validates():
         PreparedImage(np.zeros((4, 4, 3), np.float32), (1, 1), 1, (4, 4))
     with pytest.raises(ValueError, match="num_tiles"):
         PreparedImage(np.zeros((4, 4, 3), np.uint8), (2, 1), 5, (4, 4))
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="go together"):
+        PreparedImage(pixels, (1, 1), 1, (4, 4), pixel_values=np.zeros((1, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="pixel_dtype must be one of"):
+        PreparedImage(pixels, (1, 1), 1, (4, 4), pixel_values=np.zeros((1, 3, 4, 4), np.float32), pixel_dtype="f32")
+    with pytest.raises(ValueError, match=r"uint16 \[1, 3, tile, tile\]"):  # bfloat16 travels as its bits
+        PreparedImage(pixels, (1, 1), 1, (4, 4), pixel_values=np.zeros((1, 3, 4, 4), np.float32), pixel_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"\[1, 3, tile, tile\]"):
+        PreparedImage(pixels, (1, 1), 1, (4, 4), pixel_values=np.zeros((2, 3, 4, 4), np.float32), pixel_dtype="float32")
 
 
 # ------------------------------------------------------------------------------ valid decoding
