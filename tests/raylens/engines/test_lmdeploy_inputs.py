@@ -18,7 +18,7 @@ from raylens.conversation import Conversation, Turn
 from raylens.engines.base import SamplingParams, VLRequest
 from raylens.engines.encoding import CachedPromptTokenizer
 from raylens.engines.lmdeploy_engine import LMDeployEngine
-from raylens.images import prepare_image, with_pixel_values
+from raylens.images import pixel_values_for, prepare_image, with_pixel_values
 
 
 def _engine(dtype: str) -> LMDeployEngine:
@@ -55,6 +55,9 @@ def test_tiles_made_by_the_cpu_stage_reach_lmdeploy_as_the_engine_would_make_the
         assert a.keys() == b.keys() and a["offset"] == b["offset"] and a["image_tokens"] == b["image_tokens"]
         assert a["pixel_values"].dtype == b["pixel_values"].dtype == getattr(torch, dtype)
         assert torch.equal(a["pixel_values"], b["pixel_values"])
+        # both equal the reference: float32 values, then torch's own conversion
+        reference = torch.from_numpy(pixel_values_for(image)).to(getattr(torch, dtype))
+        assert torch.equal(b["pixel_values"], reference)
         assert a["pixel_values"].data_ptr() == torch.from_numpy(image.pixel_values).data_ptr()  # forwarded, not copied
 
 
