@@ -69,7 +69,7 @@ class FinetuneConfig:
     keep: int = _f(2, "keep the last this many checkpoints")
     max_failures: int = _f(3, "times a run recovers from a failed worker (restarted from the last checkpoint); -1: always")
     log_every: int = _f(1, "print a progress line every this many steps (every step's metrics go to metrics.jsonl)")
-    report_every: int = _f(10, "ray.train.report the metrics every this many steps and with every checkpoint (Ray Train takes one report per 2 s)")
+    report_every: int = _f(10, "ray.train.report the metrics every this many steps (at most one report per 2.5 s: Ray Train takes one per 2 s, a sooner one waits) and with every checkpoint")
     s3_endpoint: str | None = _f(None, "S3-compatible endpoint URL; default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL")
 
     def __post_init__(self) -> None:

@@ -126,13 +126,15 @@ class RankBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, source: SampleSource, encoder: SampleEncoder, *, order: Order, start: int, rank: int,
-                 world: int, batch_size: int, pad_id: int):
+                 world: int, batch_size: int, pad_id: int, pixel_dtype: torch.dtype | None = None):
         self.source, self.encoder, self.order = source, encoder, order
         self.start, self.rank, self.world, self.batch_size, self.pad_id = start, rank, world, batch_size, pad_id
+        self.pixel_dtype = pixel_dtype  # the model's pixel dtype, converted to here (see `collate`)
 
     def batch(self, micro_batch: int) -> dict:
         positions = micro_batch_positions(self.start, micro_batch, self.rank, self.world, self.batch_size)
-        return collate([load_sample(self.source, self.encoder, self.order, p) for p in positions], self.pad_id)
+        return collate([load_sample(self.source, self.encoder, self.order, p) for p in positions], self.pad_id,
+                       pixel_dtype=self.pixel_dtype)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()

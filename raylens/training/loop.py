@@ -19,7 +19,8 @@ Not from `ray.train.get_checkpoint()`: Ray Train registers a reported checkpoint
 next polls the workers (every 2 s), so a worker that dies just after a checkpoint was written would restart
 the run from the one before, or from step 0 (seen in the kill test).
 Every step's loss, lr, grad norm, samples/s and tokens/s go into the run's metrics.jsonl (in every
-checkpoint) and rank 0's progress line; `ray.train.report` carries them every `report_every` steps.
+checkpoint) and rank 0's progress line; `ray.train.report` carries them every `report_every` steps, at most one
+report per REPORT_MIN_INTERVAL_S (a sooner one waits for Ray Train's next poll).
 """
 from __future__ import annotations
 
@@ -79,10 +80,12 @@ class LoopSettings:
     save_every: int = 200
     keep: int = 2  # checkpoints kept in the run directory (the newest)
     log_every: int = 1
-    # ray.train.report every this many steps (and with every checkpoint). Not every step: Ray Train 2.60's
-    # controller takes one report per worker every 2 s (its health-check poll; a one-slot queue), so a
-    # report per step caps training at 0.5 steps/s (measured). Every step's metrics are still printed and
-    # kept in the run's metrics.jsonl.
+    # ray.train.report every this many steps (and with every checkpoint), and never sooner than
+    # REPORT_MIN_INTERVAL_S after the previous one. Not every step: Ray Train 2.60's controller takes one
+    # report per worker every 2 s (its health-check poll; a one-slot queue), so a report per step caps
+    # training at 0.5 steps/s (measured), and a report 1 s after the previous one blocked the step for about
+    # 1 s (measured on CPU at 0.1 s steps). Every step's metrics are still printed and kept in the run's
+    # metrics.jsonl.
     report_every: int = 10
     s3: S3Settings | None = None
     allowed_domains: frozenset[str] | None = None
@@ -119,6 +122,9 @@ def _shard_fsdp(model, compute_dtype):
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+REPORT_MIN_INTERVAL_S = 2.5  # > Ray Train's 2 s poll: the previous report has been taken, this one does not wait
 
 
 class _Window:
@@ -251,14 +257,18 @@ def train_worker(loop_config: dict) -> None:
                             filesystems=SourceFilesystems.create(s.s3, roots=s.read_roots),
                             fetcher=UrlFetcher(allowed_domains=s.allowed_domains))
     order = Order(s.source.num_records, s.seed, s.shuffle)
+    # Pixels leave the loader processes in the dtype the model takes them in (FSDP: float32, its
+    # MixedPrecisionPolicy casts), so the step's copy to the device converts nothing on the host.
+    pixel_dtype = torch.float32 if fsdp else dtype
     batches = RankBatches(s.source, encoder, order=order, start=positions, rank=rank, world=world,
-                          batch_size=s.batch_size, pad_id=pad_id)
+                          batch_size=s.batch_size, pad_id=pad_id, pixel_dtype=pixel_dtype)
     stream = iter(make_loader(batches, loader_workers=s.loader_workers))
     per_step = s.batch_size * s.grad_accum * world
 
     # -- steps ------------------------------------------------------------------------------------------
     window = _Window()
     run_start, cpu_start = time.perf_counter(), time.process_time()
+    last_report = run_start
     tokens_seen = int(state.metrics.get("tokens", 0)) if state else 0
     for step in range(start_step, s.total_steps):
         step_start = time.perf_counter()
@@ -272,7 +282,7 @@ def train_worker(loop_config: dict) -> None:
                 skipped.setdefault(kind, set()).add(record_id)
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
             if batch["pixel_values"] is not None:
-                inputs["pixel_values"] = batch["pixel_values"].to(device, dtype if not fsdp else torch.float32)
+                inputs["pixel_values"] = batch["pixel_values"].to(device, pixel_dtype)  # already pixel_dtype
             sync = (model.no_sync() if distributed and not fsdp and micro < s.grad_accum - 1
                     else contextlib.nullcontext())
             with sync:
@@ -325,9 +335,25 @@ def train_worker(loop_config: dict) -> None:
             s.step_hook(done, inner, tokenizer, spec)
         if done % s.save_every == 0 or done == s.total_steps:
             _save(s, inner, optimizer, fsdp, distributed, rank, done, positions, metrics, skipped, history, starts)
-        elif done % s.report_every == 0:
+            last_report = time.perf_counter()
+        elif done % s.report_every == 0 and _report_due(last_report, time.perf_counter(), distributed):
             ray.train.report(metrics)
+            last_report = time.perf_counter()
     del stream
+
+
+def _report_due(last_report: float, now: float, distributed: bool) -> bool:
+    """Whether a metrics report may go now: REPORT_MIN_INTERVAL_S since the previous one. With several workers
+    rank 0's clock decides for all (one broadcast), since every worker must report the same steps."""
+    due = now - last_report >= REPORT_MIN_INTERVAL_S
+    if distributed:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(due)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
 
 
 @contextlib.contextmanager

@@ -150,3 +150,18 @@ def test_collate_pads_right_and_masks_padding(tmp_path, encoder, tokenizer_and_s
     assert (batch["labels"][short, lengths[short]:] == IGNORE_INDEX).all()
     assert batch["pixel_values"].shape[0] == samples[0].pixel_values.shape[0]
     assert json.dumps(batch["skipped"]) == "[]"
+
+
+def test_collate_converts_pixels_to_the_models_dtype_in_the_loader(tmp_path, encoder, tokenizer_and_spec):
+    """The loader processes hand over pixels in the dtype the model takes (bf16 under autocast): the training step's
+    copy to the device then converts nothing on the host. Bit for bit what `.to(bfloat16)` of float32 gives."""
+    import torch
+
+    tokenizer, _ = tokenizer_and_spec
+    _png(tmp_path / "a.png")
+    samples = [encoder.encode(_record(tmp_path, [("human", "<image>\nQ?"), ("gpt", "an answer")], ["a.png"]))] * 2
+    float32 = collate(samples, pad_id=tokenizer.pad_token_id)
+    half = collate(samples, pad_id=tokenizer.pad_token_id, pixel_dtype=torch.bfloat16)
+    assert float32["pixel_values"].dtype == torch.float32 and half["pixel_values"].dtype == torch.bfloat16
+    assert torch.equal(half["pixel_values"], float32["pixel_values"].to(torch.bfloat16))
+    assert torch.equal(half["input_ids"], float32["input_ids"]) and torch.equal(half["labels"], float32["labels"])
