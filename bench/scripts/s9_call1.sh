@@ -15,9 +15,7 @@ nvidia-smi -L
 LIMIT=${RAYLENS_CALL_LIMIT_S:-590}
 T="python -m bench.throughput --gpu-sample-ms 200 --timeline --sizes 2b --batch-size 32"
 source bench/scripts/step.sh
-timeout 60 python -c "from pathlib import Path; from bench.throughput import ensure_checkpoint; from bench.data import \
-write_images; w = Path('/tmp/raylens-bench'); ensure_checkpoint(w, '2b'); write_images(w / 'images', 4096)"
-echo "images and checkpoint rc=$? after ${SECONDS}s"
+bench_inputs 4096
 step i16-2b-t1-pipeline 125 --tiles 1 --images 1536 --contenders pipeline
 step i16-2b-t1-raylens 140 --tiles 1 --images 4096 --contenders raylens
 cp /tmp/raylens-bench/raylens-2b-t1.log $OUT/logs/i16-2b-t1-raylens.contender.log 2>/dev/null

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # For the next GPU session (written in session 8): issue 16 at 12 tiles and mixed with --tiles-on-cpu (one H200, ~9.5 min):
 #   run(command="bash bench/scripts/s9_call2.sh", carry=[".devsite"], kind="nvidia-h200", timeout_s=600)
-# RAYLENS_ENGINE_OPTIONS (JSON) replaces the engine options. Issue 16 at 12 tiles (pipeline and raylens in one call) and the realistic workload (bench.throughput
-# --workload mixed: thumbnails to 12-megapixel photos, answers of 8..128 tokens), pipeline and raylens.
-# Writes the 2B checkpoint and images again only when the machine is a fresh one.
+# Issue 16 at 12 tiles (pipeline and raylens in one call) and the realistic workload (bench.throughput --workload
+# mixed: thumbnails to 12-megapixel photos, answers of 8..128 tokens), pipeline and raylens. RAYLENS_ENGINE_OPTIONS
+# (JSON) sets raylens's engine options. Writes the checkpoint and images only where missing.
 set -u -o pipefail
 source .devsite/activate.sh
 mkdir -p /tmp/devsite/ray/dashboard/client/build/static $OUT/logs  # the carried Ray has no dashboard build
@@ -11,9 +11,7 @@ LIMIT=${RAYLENS_CALL_LIMIT_S:-590}
 ENGINE=${RAYLENS_ENGINE_OPTIONS:-'{}'}  # raylens's engine options in these runs
 T="python -m bench.throughput --gpu-sample-ms 200 --timeline --sizes 2b --batch-size 32"
 source bench/scripts/step.sh
-[ -d /tmp/raylens-bench/images ] || timeout 100 python -c "from pathlib import Path; from bench.throughput import \
-ensure_checkpoint; from bench.data import write_images; w = Path('/tmp/raylens-bench'); ensure_checkpoint(w, '2b'); \
-write_images(w / 'images', 1024)"
+bench_inputs 1024
 step i16-2b-t12-pipeline 150 --tiles 12 --images-many-tiles 352 --contenders pipeline
 step i16-2b-t12-raylens 100 --tiles 12 --images-many-tiles 512 --contenders raylens --tiles-on-cpu --engine-options "$ENGINE"
 timeout 40 python -c "from bench.data import write_mixed_images; write_mixed_images('/tmp/raylens-bench/images-mixed', 512)"

@@ -12,9 +12,7 @@ mkdir -p /tmp/devsite/ray/dashboard/client/build/static $OUT/logs  # the carried
 LIMIT=${RAYLENS_CALL_LIMIT_S:-590}
 T="python -m bench.throughput --gpu-sample-ms 200 --timeline --sizes 2b --batch-size 32 --tiles 1 --images 4096 --contenders raylens --tiles-on-cpu"
 source bench/scripts/step.sh
-timeout 60 python -c "from pathlib import Path; from bench.throughput import ensure_checkpoint; from bench.data import \
-write_images; w = Path('/tmp/raylens-bench'); ensure_checkpoint(w, '2b'); write_images(w / 'images', 4096)"
-echo "images and checkpoint rc=$? after ${SECONDS}s"
+bench_inputs 4096
 step i16-2b-t1-raylens-tiles-on-cpu-prefill16k 140 --engine-options '{"max_prefill_token_num": 16384}'
 step i16-2b-t1-raylens-tiles-on-cpu-prefill32k 140 --engine-options '{"max_prefill_token_num": 32768}'
 step i16-2b-t1-raylens-tiles-on-cpu-prefill32k-db16 140 --batches-in-flight 16 \
