@@ -137,7 +137,8 @@ def test_a_contender_past_its_time_limit_is_reported_and_leaves_no_ray_behind(tm
 
     before = _orphaned_raylets()
     out = tmp_path / "bench.json"
-    argv = ["--sizes", "tiny", "--tiles", "1", "--images", "400", "--max-new-tokens", "8", "--batch-size", "4",
+    # 400 images of 128 tokens: far more than 25 s of work on any CI machine (400 of 8 tokens once finished in time)
+    argv = ["--sizes", "tiny", "--tiles", "1", "--images", "400", "--max-new-tokens", "128", "--batch-size", "4",
             "--contenders", "raylens", "--engine", "transformers", "--workdir", str(tmp_path / "work"),
             "--timeout", "25", "--out", str(out)]
     code = "import sys; from bench.throughput import main; sys.exit(main(sys.argv[1:]))"
