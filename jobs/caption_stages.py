@@ -216,6 +216,9 @@ def _binary_views(column: pa.ChunkedArray) -> list[pa.Buffer]:
     copies); a null is an empty buffer."""
     views = []
     for chunk in column.chunks:
+        if not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):  # e.g. binary_view
+            views += [pa.py_buffer(v or b"") for v in chunk.to_pylist()]
+            continue
         _, offsets_buffer, data = chunk.buffers()
         width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
         offsets = np.frombuffer(offsets_buffer, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]

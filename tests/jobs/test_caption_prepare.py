@@ -102,3 +102,5 @@ def test_binary_views_follow_offsets_slices_and_nulls():
     assert [bytes(v) for v in _binary_views(column)] == [b"", b"cde", b"", b"xyz"]
     large = pa.chunked_array([pa.array([b"\x00\x01", b"q"], type=pa.large_binary())])
     assert [bytes(v) for v in _binary_views(large)] == [b"\x00\x01", b"q"]
+    view = pa.chunked_array([pa.array([b"v", None], type=pa.binary_view())])  # another layout: copied, still right
+    assert [bytes(v) for v in _binary_views(view)] == [b"v", b""]
