@@ -48,6 +48,8 @@ class Settings:
     loader_workers: int = 2
     lr: float = 4e-5
     gpu: bool = True
+    threads: int | None = None  # torch's CPU threads in every contender (None: each its own default; Ray gives a
+    #                             worker OMP_NUM_THREADS = its CPUs, a plain process gets every core)
     extra: dict = field(default_factory=dict)
 
 
@@ -93,7 +95,7 @@ def run_finetune(settings: Settings, strategy: str) -> dict:
         workers=1, gpus_per_worker=1.0 if settings.gpu else 0.0, strategy=strategy, max_steps=settings.steps,
         batch_size=settings.batch_size, lora_r=settings.lora_r, max_tiles=settings.tiles, dtype=settings.dtype,
         gradient_checkpointing=settings.gradient_checkpointing, loader_workers=settings.loader_workers,
-        lr=settings.lr, save_every=settings.steps, keep=1, log_every=10, overwrite=True,
+        lr=settings.lr, save_every=settings.steps, keep=1, log_every=10, overwrite=True, threads=settings.threads,
         cpus_per_worker=1 + settings.loader_workers if settings.gpu else 1,
     )
     plan = setup(config)
@@ -122,6 +124,8 @@ def run_plain(settings: Settings) -> dict:
     from raylens.training.samples import SampleEncoder, collate
 
     started = time.perf_counter()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     device = torch.device("cuda" if settings.gpu else "cpu")
     dtype = getattr(torch, settings.dtype)
     torch.manual_seed(0)
@@ -178,7 +182,7 @@ def run_plain(settings: Settings) -> dict:
         per_step.append((time.perf_counter() - clock, samples, tokens))
     samples_per_s, tokens_per_s, measured = _steady(per_step, settings.warmup_steps)
     out = {"samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s, "measured_steps": measured,
-           "final_loss": last_loss, "wall_s": time.perf_counter() - started}
+           "final_loss": last_loss, "wall_s": time.perf_counter() - started, "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -246,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch's CPU threads in every contender (default: each its own: the Ray worker's CPUs, all cores)")
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--workdir", default="/tmp/raylens-finetune-compare")
     p.add_argument("--timeout", type=float, default=300, help="seconds per contender (default: %(default)s)")
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = Settings(model=str(model), data=str(data), workdir=str(workdir), tiles=args.tiles, steps=args.steps,
                         warmup_steps=args.warmup_steps, batch_size=args.batch_size, lora_r=args.lora_r,
                         dtype=args.dtype, gradient_checkpointing=not args.no_gradient_checkpointing,
-                        loader_workers=args.loader_workers, gpu=torch.cuda.is_available())
+                        loader_workers=args.loader_workers, gpu=torch.cuda.is_available(), threads=args.threads)
     results = {}
     for name in args.contenders:
         print(f"--- {name}", flush=True)

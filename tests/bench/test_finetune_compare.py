@@ -30,7 +30,8 @@ def test_a_contender_runs_in_a_process_of_its_own(tmp_path):
     model = ensure_checkpoint(tmp_path, "tiny")
     data = write_data(tmp_path / "data", 4, 1, 112)
     settings = Settings(model=str(model), data=str(data), workdir=str(tmp_path), tiles=1, steps=2, warmup_steps=1,
-                        batch_size=2, dtype="float32", loader_workers=0, gpu=False)
+                        batch_size=2, dtype="float32", loader_workers=0, gpu=False, threads=1)
     result = run_in_subprocess("plain", settings, timeout_s=300)
     assert "error" not in result, result
     assert result["measured_steps"] == 1 and result["samples_per_s"] > 0
+    assert result["torch_threads"] == 1  # --threads: the same torch threads in every contender
