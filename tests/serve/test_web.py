@@ -266,13 +266,15 @@ def test_errors_are_readable(server, page):
     assert "max_tokens" in card.locator(".detail").inner_text()
 
 
-def _hold(url: str, words: int, stop: threading.Event) -> None:
+def _hold(url: str, words: int, stop: threading.Event, refused: dict, key: int) -> None:
     """A streamed request that keeps the slow app busy until it has answered `words` words or `stop` is set;
-    refused with 503 (a probe took its place in the queue for a moment), it asks again."""
+    refused with 503 (something else held its place for a moment), it records when in `refused[key]` and asks
+    again."""
     body = {"messages": [{"role": "user", "content": " ".join(["busy"] * words)}], "stream": True}
-    for _ in range(200):
+    for _ in range(400):
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
             if response.status_code == 503:
+                refused[key] = time.monotonic()
                 time.sleep(0.05)
                 continue
             for _ in response.iter_lines():
@@ -283,21 +285,25 @@ def _hold(url: str, words: int, stop: threading.Event) -> None:
 
 def _fill_to_capacity(url: str, stop: threading.Event) -> list[threading.Thread]:
     """Two long answers on the slow app: one running, one queued, its whole capacity. They are known to be in
-    place when a probe is refused with 503 at once; a probe let in instead (it came before the second one)
-    waits in the queue until its timeout drops it, and the second holder asks again."""
-    holders = [threading.Thread(target=_hold, args=(url, 120, stop), daemon=True) for _ in range(2)]
+    place when a probe is refused with 503 and neither holder has been refused for a second: then the two places
+    are theirs, not a probe's that was let in (it waits in the queue until its timeout drops it) nor an earlier
+    stream's that is still being cancelled (either would free its place again, for the page's request to take)."""
+    refused = {0: time.monotonic(), 1: time.monotonic()}
+    holders = [threading.Thread(target=_hold, args=(url, 120, stop, refused, k), daemon=True) for k in range(2)]
     for holder in holders:
         holder.start()
     probe = {"messages": [{"role": "user", "content": "probe"}], "max_tokens": 1}
     seen = []
-    for _ in range(20):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         try:
             response = httpx.post(url + "/v1/chat/completions", json=probe, timeout=3)
             seen.append(response.status_code)
-            if response.status_code == 503:
+            if response.status_code == 503 and time.monotonic() - max(refused.values()) >= 1.0:
                 return holders
         except httpx.TimeoutException:
             seen.append("timeout")
+        time.sleep(0.2)
     raise AssertionError(f"the slow app never reached its capacity: probes got {seen}")
 
 
