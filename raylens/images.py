@@ -371,8 +371,9 @@ def prepare_image(image: Image.Image, spec: TilingSpec, *, original_size: tuple[
     return PreparedImage(pixels, grid, num_tiles, original, spec, thumbnail)
 
 
-def _tiling_for(prepared: PreparedImage, spec: TilingSpec | None) -> TilingSpec:
-    """The tiling to cut `prepared` with: its own, or `spec`, which must agree with it on what cutting uses."""
+def tiling_for(prepared: PreparedImage, spec: TilingSpec | None) -> TilingSpec:
+    """The tiling to cut `prepared` with: its own, or `spec`, which must agree with it on what cutting uses
+    (the tile count `make_tiles` gives under it is then `prepared.num_tiles`)."""
     own = prepared.tiling
     if spec is None:
         if own is None:
@@ -393,7 +394,7 @@ def make_tiles(prepared: PreparedImage, spec: TilingSpec | None = None) -> list[
     """Resize to the canvas, crop row-major into tile x tile pieces, then append the thumbnail (the
     whole original image at tile x tile) when use_thumbnail and there is more than one tile.
     ``spec`` defaults to the image's own tiling."""
-    spec = _tiling_for(prepared, spec)
+    spec = tiling_for(prepared, spec)
     cols, rows = _check_grid(prepared.grid)
     t = spec.tile_size
     image = Image.fromarray(prepared.pixels, mode="RGB")
@@ -460,7 +461,7 @@ def _normalisation_tables(dtype: str = "float32") -> np.ndarray:
 def pixel_values_for(prepared: PreparedImage, spec: TilingSpec | None = None) -> np.ndarray:
     """The engine-side step: PreparedImage -> float32 [num_tiles, 3, tile, tile] (``spec`` defaults to
     the image's own tiling). Tiles the CPU stage already made in float32 are returned as they are."""
-    spec = _tiling_for(prepared, spec)
+    spec = tiling_for(prepared, spec)
     if prepared.pixel_dtype == "float32":
         return prepared.pixel_values
     return normalize_tiles(make_tiles(prepared, spec), tile_size=spec.tile_size)
@@ -469,6 +470,6 @@ def pixel_values_for(prepared: PreparedImage, spec: TilingSpec | None = None) ->
 def with_pixel_values(prepared: PreparedImage, dtype: str, spec: TilingSpec | None = None) -> PreparedImage:
     """`prepared` carrying its normalised tiles in `dtype` (a `TILE_DTYPES` name): the CPU stage's share of an
     engine's work when the job runs with --tiles-on-cpu."""
-    spec = _tiling_for(prepared, spec)
+    spec = tiling_for(prepared, spec)
     values = normalize_tiles(make_tiles(prepared, spec), tile_size=spec.tile_size, dtype=dtype)
     return dataclasses.replace(prepared, pixel_values=values, pixel_dtype=dtype)

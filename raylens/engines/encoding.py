@@ -16,7 +16,7 @@ import numpy as np
 
 from raylens.conversation import render_spans
 from raylens.engines.base import RequestError, VLRequest
-from raylens.images import PreparedImage, TilingSpec, num_tiles_for, pixel_values_for
+from raylens.images import PreparedImage, TilingSpec, pixel_values_for, tiling_for
 from raylens.prompts import IMAGE_PLACEHOLDER, IMG_CONTEXT, ChatTemplate, image_block
 
 if TYPE_CHECKING:
@@ -122,11 +122,9 @@ def encode_request(req: VLRequest, *, spec: "ModelSpec", tokenizer, template: Ch
         if with_pixels:
             tiles.append(pixel_values_for(image, image_tiling))
             tiles_per_image.append(tiles[-1].shape[0])
-        else:  # what pixel_values_for would make
-            n = num_tiles_for(image.grid, image_tiling)
-            if image.num_tiles != n:
-                raise ValueError(f"an image of {image.num_tiles} tiles was prepared with another tiling than {image_tiling}")
-            tiles_per_image.append(n)
+        else:  # the tile count pixel_values_for would make, checked as it checks it
+            tiling_for(image, image_tiling)
+            tiles_per_image.append(image.num_tiles)
     spans = _expanded_spans(render_spans(template, conversation, system_message=system_message),
                             [spec.image_tokens(n) for n in tiles_per_image])
     prompt = "".join(text for text, _ in spans)
