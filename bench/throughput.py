@@ -238,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches-in-flight", type=int, default=8, help="the raylens contenders' --batches-in-flight")
     p.add_argument("--engine", default="lmdeploy", help="the raylens contenders' engine (transformers: a CPU smoke run)")
     p.add_argument("--engine-options", default="{}", help="JSON PytorchEngineConfig options for lmdeploy contenders")
-    p.add_argument("--tiles-on-cpu", action="store_true", help="the raylens contenders' --tiles-on-cpu (tiles cut and "
-                   "normalised in the CPU stage)")
+    p.add_argument("--tiles-on-cpu", action=argparse.BooleanOptionalAction, default=True,
+                   help="the raylens contenders' --tiles-on-cpu (tiles cut and normalised in the CPU stage, the job's "
+                   "default); --no-tiles-on-cpu: the engine actor makes them")
     p.add_argument("--workdir", default="/tmp/raylens-bench")
     p.add_argument("--timeout", type=int, default=400, help="seconds per contender run")
     p.add_argument("--out", required=True, help="JSON file for the raw results")

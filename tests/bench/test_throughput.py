@@ -28,6 +28,7 @@ def test_throughput_runs_raylens_and_transformers_contenders(tmp_path, capsys):
     engine = ray["engines"][0]
     assert 0 < engine["started"] < engine["ready"] <= ray["first_output_s"]
     assert ray["startup_s"] == engine["ready"]
+    assert ray["settings"]["tiles_on_cpu"] is True  # the job's default reaches the contender
     assert (tmp_path / "work" / "raylens-tiny-t1.log").exists()  # the whole output, kept beside the JSON
     assert "| tiny | 1 | raylens | 6 |" in capsys.readouterr().out
 
@@ -39,7 +40,7 @@ def test_mixed_workload_gives_each_image_its_own_answer_length(tmp_path):
 
     out = tmp_path / "bench.json"
     argv = ["--sizes", "tiny", "--tiles", "2", "--images", "5", "--workload", "mixed", "--batch-size", "4",
-            "--contenders", "raylens", "--engine", "transformers", "--timeline", "--tiles-on-cpu",
+            "--contenders", "raylens", "--engine", "transformers", "--timeline", "--no-tiles-on-cpu",
             "--workdir", str(tmp_path / "work"), "--timeout", "240", "--out", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())["results"][0]
@@ -49,7 +50,7 @@ def test_mixed_workload_gives_each_image_its_own_answer_length(tmp_path):
     assert result["images"] == 5 and result["output_tokens"] == sum(output_length(n) for n in names)
     assert result["flops_per_image"] > 0 and result["bound_images_per_s"] is None  # no GPU: no measured rate
     assert result["timelines"] and result["timelines"][0]["batches"]
-    assert result["settings"]["tiles_on_cpu"] is True  # the job ran with the flag (s9_call scripts use it)
+    assert result["settings"]["tiles_on_cpu"] is False  # the opt-out reaches the job
 
 
 def test_contender_layouts():

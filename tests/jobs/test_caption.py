@@ -158,8 +158,8 @@ def test_quick_start_command_captions_the_examples_with_the_demo_model(tmp_path)
     (["--replicas", "2", "--gpus-per-replica", "0.5"], 1),  # two engines share one GPU
     (["--replicas", "2"], 2),  # one engine per GPU
     (["--gpus-per-replica", "2"], 2),  # one engine over two GPUs (lmdeploy tp=2 in the actor's placement group)
-    (["--tiles-on-cpu"], 1),  # bf16 tiles made in the CPU stage, forwarded by the engine
-], ids=["one-gpu", "two-engines-one-gpu", "two-gpus", "tensor-parallel-2", "tiles-on-cpu"])
+    (["--no-tiles-on-cpu"], 1),  # tiles made by the engine actor instead of the CPU stage (bf16 there by default)
+], ids=["one-gpu", "two-engines-one-gpu", "two-gpus", "tensor-parallel-2", "tiles-in-engine"])
 def test_job_on_gpu_with_lmdeploy_engine(tmp_path, layout, gpus_needed):
     """The same job on the GPU machine: GPU actors running the lmdeploy engine, demo model, in each layout
     the CLI offers. lmdeploy's KV-cache sizing is left to the engine (capped at what the model can use)."""

@@ -86,8 +86,8 @@ def test_alpha_background_reaches_the_decoder(tmp_path):
 
 def test_decoding_flags_parse():
     cfg = CaptionJobConfig.from_args(["--input", "i", "--output", "o", "--fast-jpeg-decode", "--alpha-background", "#102030"])
-    assert cfg.fast_jpeg_decode and cfg.alpha_background_rgb() == (16, 32, 48) and not cfg.tiles_on_cpu
-    assert CaptionJobConfig.from_args(["--input", "i", "--output", "o", "--tiles-on-cpu"]).tiles_on_cpu
+    assert cfg.fast_jpeg_decode and cfg.alpha_background_rgb() == (16, 32, 48) and cfg.tiles_on_cpu  # the default
+    assert not CaptionJobConfig.from_args(["--input", "i", "--output", "o", "--no-tiles-on-cpu"]).tiles_on_cpu
     assert CaptionJobConfig(input="i", output="o", alpha_background="white").alpha_background_rgb() == (255, 255, 255)
     assert CaptionJobConfig(input="i", output="o").alpha_background_rgb() is None
     with pytest.raises(ValueError, match="alpha-background"):
