@@ -11,11 +11,14 @@ With `"timeline": true` it also samples, every 100 ms, how many requests the eng
 logs each batch's arrival and return. That is what shows whether the GPU idles because the engine has
 nothing queued (the feed) or because queued requests are not yet scheduled (the engine). Written to
 `DIR/timeline-<pid>.json` every second and whenever the engine falls idle (so a run shorter than a second
-still leaves its batches); `read_timelines` collects them.
+still leaves its batches); `read_timelines` collects them. The timeline's "gc" lists the actor's garbage
+collections that took 20 ms or more (`GcPauses`): session 9's timeline showed the actor's event loop frozen for
+up to 1.35 s with the GPU idle, and a full collection of a process holding lmdeploy is one suspect.
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import time
@@ -40,7 +43,8 @@ class TimedEngine:
         self._dir = Path(ready_dir)
         self._dir.mkdir(parents=True, exist_ok=True)
         Path(ready_dir, f"engine-{os.getpid()}.json").write_text(json.dumps({"started": started, "ready": time.time()}))
-        self._timeline = {"samples": [], "batches": []} if timeline else None
+        self._timeline = {"samples": [], "batches": [], "gc": []} if timeline else None
+        self._gc = GcPauses(self._timeline["gc"]) if timeline else None
         self._held = 0
         self._sampler: asyncio.Task | None = None
         self._profile = profile
@@ -119,7 +123,30 @@ class TimedEngine:
             await asyncio.sleep(0.1)
 
     def close(self) -> None:
+        if self._gc is not None:
+            self._gc.stop()
         self._engine.close()
+
+
+class GcPauses:
+    """Appends `(start, seconds, generation, collected)` to `into` for every garbage collection of this process
+    that takes at least `min_s` (through `gc.callbacks`, from construction until `stop`)."""
+
+    def __init__(self, into: list, min_s: float = 0.02) -> None:
+        self._into, self._min_s, self._started = into, min_s, 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.time()
+        elif self._started:
+            seconds = time.time() - self._started
+            if seconds >= self._min_s:
+                self._into.append((round(self._started, 3), round(seconds, 4), info.get("generation"), info.get("collected")))
+
+    def stop(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
 
 def read_ready_times(ready_dir: str) -> list[dict]:
@@ -129,5 +156,6 @@ def read_ready_times(ready_dir: str) -> list[dict]:
 
 
 def read_timelines(ready_dir: str) -> list[dict]:
-    """Every engine's timeline ({"samples": [(t, held, running, waiting)], "batches": [(in, out, n)]})."""
+    """Every engine's timeline ({"samples": [(t, held, running, waiting)], "batches": [(in, out, n)],
+    "gc": [(start, seconds, generation, collected)]})."""
     return [json.loads(p.read_text()) for p in sorted(Path(ready_dir).glob("timeline-*.json"))]

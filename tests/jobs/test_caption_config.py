@@ -85,3 +85,20 @@ def test_engine_options_follow_the_layout():
     assert options("lmdeploy", True) == {}
     # on a CPU-only cluster the GPU layout means nothing
     assert options("transformers", False, gpus_per_replica=0.5, batch_size=8) == {"max_batch_size": 8}
+
+
+def test_an_lmdeploy_batch_cap_below_the_requests_in_flight_is_warned_about(caplog):
+    from jobs.caption import engine_options_for
+
+    def options(**flags):
+        caplog.clear()
+        return engine_options_for(CaptionJobConfig(input="i", output="o", **flags), "lmdeploy", True)
+
+    with caplog.at_level("WARNING", logger="raylens.caption"):
+        # 16 batches of 32 in flight, lmdeploy capped at 256: half of them would wait outside its scheduler
+        assert options(batch_size=32, batches_in_flight=16, engine_args='{"max_batch_size": 256}') == {"max_batch_size": 256}
+        assert "max_batch_size 256 is below the 512 requests" in caplog.text
+        options(batch_size=32, batches_in_flight=8, engine_args='{"max_batch_size": 256}')  # exactly enough
+        assert caplog.text == ""
+        options(batch_size=32, batches_in_flight=16)  # lmdeploy's own default for the GPU: not ours to judge
+        assert caplog.text == ""
