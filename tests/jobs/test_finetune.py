@@ -131,7 +131,10 @@ def scenario(tmp_path_factory):
     with open(paths["train"], "a") as f:
         for row in (_qa("missing", "images/nope.png"), _qa("broken", "images/broken.png"),
                     _qa("empty", "images/train/00000.png", answer=" "),
-                    _qa("tags", "images/train/00000.png", question="<image><image> which?")):
+                    _qa("tags", "images/train/00000.png", question="<image><image> which?"),
+                    {"id": "silent", "image": "images/train/00000.png", "conversations": []},
+                    _qa("long", "images/train/00000.png",  # over the default --max-length of 4096 tokens
+                        question="<image>\n" + " ".join(f"w{i}" for i in range(6000)))):
             f.write(json.dumps(row) + "\n")
         f.write("{not json\n")
     out = root / "run"
@@ -188,7 +191,7 @@ def test_a_rerun_command_resumes_from_its_last_checkpoint_and_finishes(scenario)
 def test_skipped_records_are_counted_and_the_last_checkpoints_kept(scenario):
     summary = json.loads((scenario["out"] / "_summary.json").read_text())
     assert summary["skipped_records"] == {"bad_record": 1, "empty_answer": 1, "image_tags": 1, "missing_image": 1,
-                                          "bad_image": 1}
+                                          "bad_image": 1, "no_conversations": 1, "too_long": 1}
     assert summary["checkpoints"] == [f"checkpoint_{STEPS - SAVE_EVERY:06d}", f"checkpoint_{STEPS:06d}"]
     kept = sorted(p.name for p in scenario["out"].glob("checkpoint_*") if checkpoint_step(p.name) is not None)
     assert kept == summary["checkpoints"]
