@@ -160,7 +160,8 @@ class RaylensServer:
     layout (`serve.config.ServeConfig.layout`)."""
 
     def __init__(self, checkpoint: str, tiles: int, engine_args: dict, engine: str = "lmdeploy",
-                 layout: str = "split") -> None:
+                 layout: str = "split", overrides: dict | None = None) -> None:
+        """`overrides`: `ServeConfig` fields that replace the benchmark's own settings (`--serve-args`)."""
         import ray
         from ray import serve
 
@@ -171,12 +172,14 @@ class RaylensServer:
         self.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         gpus = 1 if engine == "lmdeploy" else 0
-        config = ServeConfig(model=checkpoint, engine=engine, engine_args=engine_args, max_tiles=tiles,
-                             max_tokens_limit=4096, max_ongoing_requests=512, max_queued_requests=1024,
-                             target_ongoing_requests=256, max_replicas=1, num_gpus=gpus, num_cpus=0,
-                             ingress_min_replicas=4 if gpus else 1, ingress_max_replicas=4 if gpus else 1,
-                             ingress_num_cpus=1 if gpus else 0, layout=layout)
-        serve.run(bind(config.with_engine_resolved(gpus)), name="raylens", route_prefix="/")
+        settings = dict(model=checkpoint, engine=engine, engine_args=engine_args, max_tiles=tiles,
+                        max_tokens_limit=4096, max_ongoing_requests=512, max_queued_requests=1024,
+                        target_ongoing_requests=256, max_replicas=1, num_gpus=gpus, num_cpus=0,
+                        ingress_min_replicas=4 if gpus else 1, ingress_max_replicas=4 if gpus else 1,
+                        ingress_num_cpus=1 if gpus else 0, layout=layout)
+        config = ServeConfig(**{**settings, **(overrides or {})}).with_engine_resolved(gpus)
+        self.settings = config.public_dict()  # what the endpoint ran with, for the results
+        serve.run(bind(config), name="raylens", route_prefix="/")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
@@ -243,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "a process of its own (enable_mp_engine, as api_server runs it)")
     p.add_argument("--batch-images", type=int, default=512, help="images the batch job captions")
     p.add_argument("--engine-args", default="{}", help="JSON options of the raylens lmdeploy engine")
+    p.add_argument("--serve-args", default="{}",
+                   help="JSON ServeConfig fields for the raylens contenders, over the benchmark's own (e.g. two "
+                        "replicas on one GPU: '{\"min_replicas\": 2, \"max_replicas\": 2, \"num_gpus\": 0.5}')")
     p.add_argument("--engine", default="lmdeploy", choices=["lmdeploy", "transformers"],
                    help="raylens' engine (transformers: a CPU dry run of the whole script with --checkpoint)")
     p.add_argument("--url", help="measure this running endpoint only (with --quick: the CPU smoke test)")
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
             if name.endswith("-mp"):
                 engine_args["enable_mp_engine"] = True
             server = RaylensServer(checkpoint, args.tiles, engine_args, args.engine,
-                                   layout="single" if "-single" in name else "split")
+                                   layout="single" if "-single" in name else "split",
+                                   overrides=json.loads(args.serve_args))
         else:
             server = ApiServer(checkpoint, work / "api_server.log")
         try:
@@ -310,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows = asyncio.run(sweep(f"{server.url}/v1/chat/completions", model, None, image_url, args.concurrency,
                                      args.level_seconds, args.max_tokens, extra))
             results["contenders"][name] = {"startup_s": round(ready, 1), "levels": rows}
+            if isinstance(server, RaylensServer):
+                results["contenders"][name]["serve_config"] = server.settings
         except Exception as exc:  # noqa: BLE001 - one contender failing must not lose the other's figures
             results["contenders"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"  failed: {exc}", flush=True)

@@ -17,13 +17,16 @@ def test_serve_load_starts_and_sweeps_both_layouts(tmp_path):
     out = tmp_path / "load.json"
     command = [sys.executable, "-m", "bench.serve_load", "--checkpoint", str(DEMO_MODEL_DIR), "--engine", "transformers",
                "--tiles", "1", "--contenders", "raylens", "raylens-single", "--concurrency", "1", "2",
-               "--level-seconds", "2", "--max-tokens", "4", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+               "--level-seconds", "2", "--max-tokens", "4", "--workdir", str(tmp_path / "work"), "--out", str(out),
+               "--serve-args", '{"max_ongoing_requests": 6}']
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     contenders = json.loads(out.read_text())["contenders"]
     assert set(contenders) == {"raylens", "raylens-single"}
     for name, result in contenders.items():
         assert "error" not in result, (name, result)
+        assert result["serve_config"]["max_ongoing_requests"] == 6  # --serve-args reached the endpoint
+        assert result["serve_config"]["layout"] == ("single" if name == "raylens-single" else "split")
         levels, probe = result["levels"][:-1], result["levels"][-1]
         assert [row["concurrency"] for row in levels] == [1, 2]
         assert probe["probe"] == "max_tokens=1" and probe["ok"] >= 1 and probe["mean_output_tokens"] == 1
