@@ -7,7 +7,8 @@ endpoint and lmdeploy's own `api_server`, same checkpoint, same requests, same m
 Each request: one 640x480 JPEG as a data URL + "Describe the image.", 64 new tokens with `ignore_eos`,
 greedy, streamed with `stream_options.include_usage`. At each concurrency C, C client tasks send requests
 back to back for `--level-seconds` (at least `C` requests in all); the level reports requests/s and output
-tokens/s over its wall time, p50/p99 latency and time to first token (TTFT), and failures by status. A last
+tokens/s over its wall time, the steady requests/s (`steady_rate`: C / mean latency of the requests answered
+before the level's end), p50/p99 latency and time to first token (TTFT), and failures by status. A last
 row (`probe: max_tokens=1`) times one-token answers at C=1: the time to first token whatever that token is.
 The batch job's steady-state images/s on the same checkpoint and tiles comes from `bench.throughput`'s
 raylens contender (the issue's goal: >= 0.8x the batch job and >= 2x api_server at C=64).
@@ -70,7 +71,18 @@ async def one_request(session, url: str, headers: dict, body: dict) -> dict:
                     tokens = event["usage"]["completion_tokens"]
     except Exception as exc:  # noqa: BLE001 - a failed request is a data point
         return {"status": f"{type(exc).__name__}", "latency": time.perf_counter() - started}
-    return {"status": status, "latency": time.perf_counter() - started, "ttft": ttft, "tokens": tokens}
+    ended = time.perf_counter()
+    return {"status": status, "latency": ended - started, "ttft": ttft, "tokens": tokens, "ended": ended}
+
+
+def steady_rate(concurrency: int, latencies_before_deadline: list[float]) -> float | None:
+    """Requests/s the server sustains with `concurrency` requests always in it: Little's law for a closed loop
+    without think time, C / mean latency, over the requests that finished while every client was still sending
+    (the drain after the level's end runs at falling concurrency, and the wall time counts the first wave's
+    wait for its answers but none of the drain's work; both bias `requests_per_s` at short levels)."""
+    if not latencies_before_deadline:
+        return None
+    return round(concurrency / statistics.mean(latencies_before_deadline), 3)
 
 
 async def run_level(url: str, model: str, api_key: str | None, image_url: str, concurrency: int, seconds: float,
@@ -104,10 +116,12 @@ async def run_level(url: str, model: str, api_key: str | None, image_url: str, c
         if r["status"] != 200:
             failures[str(r["status"])] = failures.get(str(r["status"]), 0) + 1
     latencies = [r["latency"] for r in ok]
+    full_load = [r["latency"] for r in ok if r["ended"] <= deadline]
     ttfts = [r["ttft"] for r in ok if r.get("ttft") is not None]
     return {
         "concurrency": concurrency, "requests": len(results), "ok": len(ok), "failures": failures,
         "wall_s": round(wall, 2), "requests_per_s": round(len(ok) / wall, 3),
+        "steady_requests_per_s": steady_rate(concurrency, full_load), "steady_requests": len(full_load),
         "output_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
         "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99),
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
@@ -121,7 +135,8 @@ async def sweep(url: str, model: str, api_key: str | None, image_url: str, level
     rows = []
     for c in levels:
         row = await run_level(url, model, api_key, image_url, c, seconds, max_tokens, extra)
-        print(f"  C={c:4d}: {row['requests_per_s']:7.2f} req/s {row['output_tokens_per_s']:8.1f} tok/s "
+        print(f"  C={c:4d}: {row['requests_per_s']:7.2f} req/s (steady {row['steady_requests_per_s']}) "
+              f"{row['output_tokens_per_s']:8.1f} tok/s "
               f"latency p50 {row['latency_p50_s']} p99 {row['latency_p99_s']} TTFT p50 {row['ttft_p50_s']} "
               f"p99 {row['ttft_p99_s']} failures {row['failures']}", flush=True)
         rows.append(row)

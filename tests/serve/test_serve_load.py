@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
+from bench.serve_load import steady_rate
 from raylens.checkpoints.resolve import DEMO_MODEL_DIR
+
+
+def test_steady_rate_is_littles_law_over_the_answers_under_full_load():
+    # 8 clients, each answer 2 s: 4 answers a second, however long the level and however its edges fall
+    assert steady_rate(8, [2.0] * 40) == 4.0
+    assert steady_rate(8, [1.0, 3.0]) == 4.0  # the mean latency, not the median
+    assert steady_rate(8, []) is None  # nothing answered before the level ended: no figure
 
 
 @pytest.mark.slow
@@ -32,4 +40,5 @@ def test_serve_load_starts_and_sweeps_both_layouts(tmp_path):
         assert probe["probe"] == "max_tokens=1" and probe["ok"] >= 1 and probe["mean_output_tokens"] == 1
         for row in levels:
             assert row["ok"] >= row["concurrency"] and not row["failures"], (name, row)
+            assert row["steady_requests"] >= 1 and row["steady_requests_per_s"] > 0, (name, row)
             assert row["mean_output_tokens"] == 4
