@@ -183,7 +183,7 @@ def run_raylens(args: dict) -> dict:
         batch_size=args.get("batch_size", 32), replicas=str(args.get("replicas", 1)),
         batches_in_flight=args.get("batches_in_flight", 8),
         gpus_per_replica=args.get("gpus_per_replica", 1.0), engine_args=json.dumps(engine_options),
-        tiles_on_cpu=bool(args.get("tiles_on_cpu", True)),  # the job's default
+        tiles_on_cpu=bool(args.get("tiles_on_cpu", CaptionJobConfig.tiles_on_cpu)),
     )
     plan = setup(cfg)
     plan.items = plan.items[: args["n_images"]]

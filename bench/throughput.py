@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches-in-flight", type=int, default=8, help="the raylens contenders' --batches-in-flight")
     p.add_argument("--engine", default="lmdeploy", help="the raylens contenders' engine (transformers: a CPU smoke run)")
     p.add_argument("--engine-options", default="{}", help="JSON PytorchEngineConfig options for lmdeploy contenders")
-    p.add_argument("--tiles-on-cpu", action=argparse.BooleanOptionalAction, default=True,
+    from jobs.caption_config import CaptionJobConfig  # light: no torch, no ray
+
+    p.add_argument("--tiles-on-cpu", action=argparse.BooleanOptionalAction, default=CaptionJobConfig.tiles_on_cpu,
                    help="the raylens contenders' --tiles-on-cpu (tiles cut and normalised in the CPU stage, the job's "
                    "default); --no-tiles-on-cpu: the engine actor makes them")
     p.add_argument("--workdir", default="/tmp/raylens-bench")
